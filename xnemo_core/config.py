@@ -196,6 +196,26 @@ class XNeMoConfig(_JsonMixin):
             name="tiny",
         )
 
+    @classmethod
+    def demo(cls) -> "XNeMoConfig":
+        """The bundled demo model: trained from scratch on CPU at 64x64 px (see training/configs/demo.yaml).
+
+        Same topology as the official model, narrower everywhere; its own 3-level VAE (latents at 1/4
+        size: 16x16 for a 64 px frame), a motion encoder on 64 px crops and a one-layer CLIP stand-in,
+        so the whole stack stays well under 25 MB in fp16.
+        """
+        return cls(
+            unet=UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=2, attention_head_dim=4,
+                            cross_attention_dim=32, norm_num_groups=8, sample_size=16, module_heads=4,
+                            module_norm_groups=8),
+            motion_encoder=MotionEncoderConfig(image_size=64, stem_channels=16, hourglass_channels=32,
+                                               hourglass_depth=3, attn_embed_dim=64, attn_heads=4, attn_norm_groups=8),
+            vae=VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1),
+            image_encoder=ImageEncoderConfig(hidden_size=32, intermediate_size=64, projection_dim=32,
+                                             num_hidden_layers=1, num_attention_heads=2, patch_size=32),
+            name="demo",
+        )
+
 
 _NESTED = {
     ("XNeMoConfig", "unet"): UNetConfig,
