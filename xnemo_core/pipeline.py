@@ -76,7 +76,7 @@ def clip_pixels(image: np.ndarray) -> torch.Tensor:
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1] (u/255*2-1, the release's normalisation)."""
-    x = torch.as_tensor(np.asarray(images_uint8)).float()
+    x = torch.as_tensor(np.array(images_uint8, copy=True)).float()
     return (x / 255.0 * 2.0 - 1.0).movedim(-1, -3)
 
 
