@@ -17,7 +17,7 @@ MANIFEST = FIXTURES / "official_checkpoint_keys.json"
 def micro_config() -> XNeMoConfig:
     """The smallest stack with the official topology (4 levels, 2 layers, all 21+21 modules): seconds on CPU."""
     return XNeMoConfig(
-        unet=UNetConfig(block_out_channels=(32, 32, 32, 32), cross_attention_dim=16, sample_size=8,
+        unet=UNetConfig(block_out_channels=(32, 32, 32, 32), cross_attention_dim=16, sample_size=16,
                         attention_head_dim=2, module_heads=2),
         motion_encoder=dataclasses.replace(XNeMoConfig.tiny().motion_encoder),
         vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),

@@ -57,8 +57,7 @@ def load_models(weights: str | None = None, device: str = "auto", precision: str
 
 def native_resolution(models: XNeMoModels) -> int:
     """The frame size the model was trained at (512 for the official model)."""
-    cfg = models.config
-    return int(cfg.unet.sample_size * 2 ** (len(cfg.vae.block_out_channels) - 1))
+    return int(models.config.unet.sample_size * models.vae_factor)
 
 
 def prepare_reference_crop(models: XNeMoModels, image: np.ndarray, *, size: int | None = None,

@@ -167,6 +167,12 @@ class XNeMoPipeline:
         offset_rng = random.Random(int(s.seed))
         base = reference.latents.float()
         _, c, h, w = base.shape
+        levels = len(self.models.config.unet.block_out_channels) - 1
+        if h % 2**levels or w % 2**levels or min(h, w) < 2 ** (levels + 1):
+            raise InvalidInputError(
+                f"latents of {h}x{w} are too small or not divisible by {2**levels} for this UNet: use a frame size "
+                f"that is a multiple of {2**levels * self.models.vae_factor} px and at least "
+                f"{2 ** (levels + 1) * self.models.vae_factor} px")
         if noise is None:
             noise = torch.randn((1, c, frames, h, w), generator=generator)
         noise = noise.float().to(base.device)

@@ -71,6 +71,11 @@ class XNeMoModels:
     def dtype(self) -> torch.dtype:
         return self.denoising_unet.dtype
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell."""
+        return 2 ** (len(self.config.vae.block_out_channels) - 1)
+
     def parameter_count(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
