@@ -58,7 +58,8 @@ class UNetConfig(_JsonMixin):
     out_channels: int = 4
     sample_size: int = 64
     # inserted modules (motion cross-attention and temporal self-attention)
-    module_heads: int = 8
+    module_heads: int = 8  # motion cross-attention heads
+    temporal_heads: int | None = None  # temporal self-attention heads (None: same as module_heads)
     module_norm_groups: int = 32
     motion_tokens: int = 32
     motion_token_dim: int = 16
@@ -101,7 +102,8 @@ class UNetConfig(_JsonMixin):
             in_channels=int(cfg.get("in_channels", 4)),
             out_channels=int(cfg.get("out_channels", 4)),
             sample_size=int(cfg.get("sample_size", 64)),
-            module_heads=int(mm.get("num_attention_heads", tm.get("num_attention_heads", 8))),
+            module_heads=int(mm.get("num_attention_heads", 8)),
+            temporal_heads=int(tm.get("num_attention_heads", mm.get("num_attention_heads", 8))),
             motion_token_dim=int(mm.get("cross_attention_dim", 16)),
             temporal_max_len=int(tm.get("temporal_position_encoding_max_len", 32)),
         )

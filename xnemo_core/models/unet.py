@@ -122,7 +122,8 @@ class DenoisingUNet3D(SpatialUNet):
                 [MotionModule(dim, c.module_heads, c.module_norm_groups, c.motion_token_dim) for _ in range(layers)]
             )
             block.temporal_modules = nn.ModuleList(
-                [TemporalModule(dim, c.module_heads, c.module_norm_groups, c.temporal_max_len) for _ in range(layers)]
+                [TemporalModule(dim, c.temporal_heads or c.module_heads, c.module_norm_groups, c.temporal_max_len)
+                 for _ in range(layers)]
             )
         self.reference_context = ReferenceReadContext()
         self.block_names = reference_block_names(self)
