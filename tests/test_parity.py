@@ -1,7 +1,6 @@
 """Numerical parity with the official release (public fixture set) and the full-size key manifest."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -11,24 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import MANIFEST, PARITY_DIR
 from xnemo_core.__main__ import main
-from xnemo_core.parity import CASES, Fixture, check_manifest, rule_weights, run_fixture_dir
+from xnemo_core.parity import CASES, check_manifest, run_fixture_dir
 
 
-def _official_rule():
-    spec = importlib.util.spec_from_file_location("fixture_weights", PARITY_DIR / "fixture_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_weights
-
-
-def test_weight_rule_matches_the_fixture_rule_bitwise():
-    official = _official_rule()
-    fx = Fixture(PARITY_DIR / "motion_encoder.json")
-    keys = [(k, s) for k, s in fx.spec["modules"]["motion_encoder"]["generated_keys"]][:60]
-    keys += [("a.norm1.weight", [8]), ("b.bn_end0.running_var", [4]), ("c.num_batches_tracked", [])]
-    ours, theirs = rule_weights(keys, 77), official(keys, 77)
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+def test_fixture_set_without_its_weight_rule_is_refused(tmp_path):
+    shutil.copy(PARITY_DIR / "unet_step.json", tmp_path / "unet_step.json")
+    with pytest.raises(FileNotFoundError, match="fixture_weights.py"):
+        run_fixture_dir(tmp_path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -44,6 +32,7 @@ def test_public_fixture_case(case):
 
 
 def test_corrupted_fixture_fails_the_command(tmp_path):
+    shutil.copy(PARITY_DIR / "fixture_weights.py", tmp_path / "fixture_weights.py")
     for suffix in (".json", ".safetensors"):
         shutil.copy(PARITY_DIR / f"unet_step{suffix}", tmp_path / f"unet_step{suffix}")
     tensors = load_file(str(tmp_path / "unet_step.safetensors"))
@@ -53,6 +42,7 @@ def test_corrupted_fixture_fails_the_command(tmp_path):
 
 
 def test_unknown_case_fails(tmp_path):
+    shutil.copy(PARITY_DIR / "fixture_weights.py", tmp_path / "fixture_weights.py")
     (tmp_path / "odd.json").write_text(json.dumps({"case": "something_new"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
     passed, _ = run_fixture_dir(tmp_path)

@@ -8,10 +8,8 @@ model without allocating it.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
-import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,38 +24,25 @@ from .models.stack import build_models
 from .models.unet import DenoisingUNet3D
 
 # ------------------------------------------------------------------------------- the weight rule
-NORM_WEIGHT = re.compile(
-    r"(?:^|\.)(?:norm\d*|ff_norm|conv_norm_out|group_norm|layer_norm\d*|pre_layrnorm"
-    r"|post_layernorm|norms\.\d+|bn\d+|bn_end\d+|downsample\.0)\.weight$")
-SINCOS_BUFFER = re.compile(r"(?:^|\.)pe$")
+WEIGHT_RULE_FILE = "fixture_weights.py"
 
 
-def rule_weights(keys_shapes, seed: int, fixed: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The fixtures' documented "weights by formula" (one CPU generator per key, seeded crc32(key) ^ seed)."""
-    fixed = fixed or {}
-    out = {}
-    for key, shape in sorted((str(k), tuple(int(d) for d in s)) for k, s in keys_shapes):
-        if key in fixed:
-            out[key] = fixed[key].clone()
-            continue
-        if SINCOS_BUFFER.search(key):
-            raise KeyError(f"{key}: sinusoid buffer, must be supplied by the fixture")
-        g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")) ^ int(seed))
-        if key.endswith("num_batches_tracked"):
-            t = torch.zeros(shape, dtype=torch.int64)
-        elif key.endswith("running_var"):
-            t = 0.5 + torch.rand(shape, generator=g, dtype=torch.float32)
-        elif key.endswith("running_mean"):
-            t = 0.1 * torch.randn(shape, generator=g, dtype=torch.float32)
-        elif len(shape) == 1 and key.endswith(".weight"):
-            if not NORM_WEIGHT.search(key):
-                raise ValueError(f"{key}: 1-D weight that the rule does not classify")
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float32)
-        else:
-            s = 1.0 / math.sqrt(math.prod(shape[1:])) if len(shape) >= 2 else 0.05
-            t = torch.randn(shape, generator=g, dtype=torch.float32) * s
-        out[key] = t
-    return out
+def load_weight_rule(directory: str | Path):
+    """The fixture set's own "weights by formula" (`make_weights(keys_shapes, seed, fixed)`).
+
+    Every fixture set ships the rule as a small stdlib+torch file that both sides use; we run that
+    file rather than a copy of it, so a set made with the same rule is reproduced by construction.
+    Only point this at fixture sets you trust: the rule file is Python code.
+    """
+    path = Path(directory) / WEIGHT_RULE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: fixture sets must ship their weight rule ({WEIGHT_RULE_FILE})")
+    spec = importlib.util.spec_from_file_location(f"_xnemo_fixture_rule_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "make_weights", None)):
+        raise AttributeError(f"{path}: defines no make_weights(keys_shapes, seed, fixed)")
+    return module.make_weights
 
 
 # ------------------------------------------------------------------------------- fixture cases
@@ -81,8 +66,9 @@ class Comparison:
 class Fixture:
     """One fixture case: its JSON sidecar and tensors."""
 
-    def __init__(self, json_path: Path):
+    def __init__(self, json_path: Path, make_weights=None):
         self.path = json_path
+        self.make_weights = make_weights or load_weight_rule(json_path.parent)
         self.spec = json.loads(json_path.read_text())
         self.tensors = load_file(str(json_path.with_suffix(".safetensors")))
         self.case = self.spec["case"]
@@ -91,7 +77,7 @@ class Fixture:
         m = self.spec["modules"][module]
         fixed = {k: self.tensors[v] for k, v in (m.get("stored_buffers") or {}).items()}
         keys = [(k, s) for k, s in m["generated_keys"]] + [(k, v.shape) for k, v in fixed.items()]
-        return rule_weights(keys, m["weight_seed"], fixed)
+        return self.make_weights(keys, m["weight_seed"], fixed)
 
     def compare(self, results: dict[str, torch.Tensor]) -> list[Comparison]:
         out = []
@@ -211,9 +197,10 @@ def run_fixture_dir(directory: str | Path, only: list[str] | None = None, log=pr
     if not specs:
         raise FileNotFoundError(f"{directory}: no fixture cases (*.json with a 'case' field)")
     passed, everything = True, []
+    make_weights = load_weight_rule(directory)
     for path in specs:
         try:
-            fx = Fixture(path)
+            fx = Fixture(path, make_weights)
         except Exception as exc:  # unreadable case: report and fail
             log(f"[FAIL] {path.name}: cannot read ({exc})")
             passed = False
