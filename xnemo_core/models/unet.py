@@ -175,9 +175,8 @@ class DenoisingUNet3D(SpatialUNet):
             hidden = block.motion_modules[index](hidden, motion)
             return block.temporal_modules[index](hidden, f)
 
-        try:
-            out = self.walk(x, temb, context, insert)
-        finally:
-            ctx.kv, ctx.row_reference = None, None
+        # The context stays set after the call (the next call overwrites it): gradient checkpointing
+        # re-runs attention during backward and must see the same reference.
+        out = self.walk(x, temb, context, insert)
         out = self.conv_out(self.conv_act(self.conv_norm_out(out)))
         return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
