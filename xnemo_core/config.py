@@ -200,7 +200,7 @@ class XNeMoConfig(_JsonMixin):
 
     @classmethod
     def demo(cls) -> "XNeMoConfig":
-        """The bundled demo model: trained from scratch on CPU at 64x64 px (see training/configs/demo.yaml).
+        """The bundled demo model: trained from scratch on CPU at 64x64 px (`python -m training.demo`).
 
         Same topology as the official model, narrower everywhere; its own 3-level VAE (latents at 1/4
         size: 16x16 for a 64 px frame), a motion encoder on 64 px crops and a one-layer CLIP stand-in,
