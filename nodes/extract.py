@@ -22,20 +22,6 @@ from .media import driving_frames
 F_RTS_MODES = ("constant", "paper")
 
 
-class _ProgressDetector:
-    """Wraps the face detector so per-frame detection reports progress (and so can be cancelled)."""
-
-    def __init__(self, inner, progress):
-        self.inner = inner
-        self.progress = progress
-
-    def detect(self, image):
-        return self.inner.detect(image)
-
-    def detect_video(self, frames, fps, progress=None):
-        return self.inner.detect_video(frames, fps, progress=self.progress)
-
-
 def mark_filled(crops: np.ndarray, filled: list[int], width: int = 2) -> np.ndarray:
     """Crops with a red frame around those whose face box was interpolated (no detection)."""
     if not filled:
@@ -115,7 +101,6 @@ class XNeMoExtractMotion:
                 start_frame=0, face="largest", fps=25.0, driving_images=None, driving_video=None, reference=None,
                 audio=None):
         from xnemo_core.animate import extract_driving_motion, prepare_reference_crop
-        from xnemo_core.errors import Cancelled
         from xnemo_core.faces import BlazeFaceDetector
 
         if f_rts_mode == "paper" and reference is None:
@@ -126,14 +111,12 @@ class XNeMoExtractMotion:
         bar = comfy_compat.progress_bar(2 * count)
 
         def detected(done, total):  # phase 1: face detection, one update per frame
-            if cancel_requested():
-                raise Cancelled(f"face tracking cancelled at frame {done}/{total}")
             bar.update_absolute(done, 2 * count)
 
         def encoded(done, total):  # phase 2: motion encoder, one update per batch
             bar.update_absolute(count + done, 2 * count)
 
-        detector = _ProgressDetector(BlazeFaceDetector(), detected)
+        detector = BlazeFaceDetector()
         with pipe.on_device() as models:
             ref = None
             if reference is not None:
@@ -142,7 +125,7 @@ class XNeMoExtractMotion:
             result = extract_driving_motion(
                 models, driving.frames, driving.fps, reference=ref, detector=detector,
                 face_select=face_select(face), smooth_sigma=smooth_sigma, box_scale=box_scale, f_rts_mode=f_rts_mode,
-                source=driving.source, progress=encoded, cancel=cancel_requested)
+                source=driving.source, progress=encoded, detect_progress=detected, cancel=cancel_requested)
         crops = mark_filled(result.track.crops, result.track.filled_frames)
         report = (f"{result.report}\n{count} frames at {driving.fps:.3f} fps from {driving.source} "
                   f"(start frame {driving.start_frame}, stride {driving.stride})")

@@ -412,7 +412,7 @@ def test_sampler_checks_settings(pack, pipe, reference_image):
 # ------------------------------------------------------------------------------------------ paste back
 
 def test_feather_mask_and_paste_back(pack):
-    from comfyui_xnemo.nodes.paste import feather_mask, paste_back
+    from xnemo_core.compositing import feather_mask, paste_back
 
     mask = feather_mask((20, 10, 60, 50), (80, 100), 0.25)
     assert mask.shape == (80, 100) and float(mask[30, 40]) == 1.0 and float(mask[5, 5]) == 0.0

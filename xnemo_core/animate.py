@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import SamplingConfig
-from .errors import InvalidInputError, XNeMoError
+from .errors import Cancelled, InvalidInputError, XNeMoError
 from .faces import BlazeFaceDetector, DrivingTrack, ReferenceCrop, crop_reference, track_driving
 from .models.stack import XNeMoModels
 from .motion import MotionSequence, extract_motion
@@ -100,12 +100,23 @@ def extract_driving_motion(models: XNeMoModels, frames: np.ndarray, fps: float, 
                            face_select="largest", smooth_sigma: float = 5.0, box_scale: float = 1.1,
                            f_rts_mode: str = "constant", batch_size: int = 16, source: str = "the driving video",
                            progress: Callable[[int, int], None] | None = None,
+                           detect_progress: Callable[[int, int], None] | None = None,
                            cancel: CancelFn | None = None) -> DrivingMotion:
-    """Track the face in every frame, crop it, and run the motion encoder once per frame (batched)."""
+    """Track the face in every frame, crop it, and run the motion encoder once per frame (batched).
+
+    `detect_progress(done, total)` follows face detection (per frame), `progress` the encoder (per
+    batch); `cancel()` is polled in both phases.
+    """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise InvalidInputError(f"{source}: expected frames [F,H,W,3], got {frames.shape}")
-    track = track_driving(frames, fps, detector, face_select=face_select, box_scale=box_scale,
+    def detection_progress(done: int, total: int) -> None:
+        if cancel is not None and cancel():
+            raise Cancelled(f"face tracking cancelled at frame {done}/{total} of {source}")
+        if detect_progress is not None:
+            detect_progress(done, total)
+
+    track = track_driving(frames, fps, detector, progress=detection_progress, face_select=face_select, box_scale=box_scale,
                           smooth_sigma=smooth_sigma, crop_size=models.config.motion_encoder.image_size,
                           f_rts_mode=f_rts_mode, reference_box=None if reference is None else reference.face_box,
                           source=source)

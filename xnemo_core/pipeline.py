@@ -8,7 +8,6 @@ and every random draw comes from one seed.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable
