@@ -1,0 +1,168 @@
+"""What each stage trains, and where the starting weights come from.
+
+Trainable sets (everything else is frozen: requires_grad False, eval mode):
+
+| stage      | trains                                                                                  |
+|------------|-----------------------------------------------------------------------------------------|
+| vae        | vae (encoder, temporal decoder): from-scratch sizes only                                 |
+| image (1)  | denoising_unet spatial weights (all but `.motion_modules.` / `.temporal_modules.`) and the whole reference_unet |
+| motion (2) | motion_encoder, denoising_unet `.motion_modules.`, and the GAN head (appearance encoder, generator; discriminator with its own optimiser) |
+| temporal(3)| denoising_unet `.temporal_modules.`                                                     |
+
+The CLIP image encoder is never trained.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xnemo_core.checkpoints import OfficialPaths, load_bundle, load_official, read_bundle_metadata
+from xnemo_core.config import XNeMoConfig
+from xnemo_core.models.motion_modules import ModuleTransformer
+from xnemo_core.models.stack import XNeMoModels, build_models
+
+from .config import ConfigError, ModelSpec
+
+SCRATCH_LICENSE = "Apache-2.0 (weights trained from scratch with comfyui-xnemo's training code)"
+SD_LICENSE = ("derived from lambdalabs/sd-image-variations-diffusers (CreativeML OpenRAIL-M) and the "
+              "stable-video-diffusion VAE (Stability AI licence): check those terms before sharing")
+
+INSERTED_FAMILIES = (".motion_modules.", ".temporal_modules.")
+
+
+def _denoiser_part(name: str) -> str:
+    if ".motion_modules." in name:
+        return "motion"
+    if ".temporal_modules." in name:
+        return "temporal"
+    return "spatial"
+
+
+def stage_selects(stage: str, component: str, name: str) -> bool:
+    """Is parameter `name` of stack component `component` trained in `stage`?"""
+    if stage == "vae":
+        return component == "vae"
+    if stage == "image":
+        return component == "reference_unet" or (component == "denoising_unet" and _denoiser_part(name) == "spatial")
+    if stage == "motion":
+        return component == "motion_encoder" or (component == "denoising_unet" and _denoiser_part(name) == "motion")
+    if stage == "temporal":
+        return component == "denoising_unet" and _denoiser_part(name) == "temporal"
+    raise ConfigError(f"unknown stage {stage!r}")
+
+
+def select_trainable(stage: str, models: XNeMoModels) -> dict[str, nn.Parameter]:
+    """Freeze the stack except the stage's parameters; returns {'component.param': param} to train.
+
+    Components with trainable parameters go to train mode (dropout/BatchNorm as in training), the
+    rest to eval mode.
+    """
+    trainable = {}
+    for component, module in models.modules().items():
+        any_trained = False
+        for name, param in module.named_parameters():
+            chosen = stage_selects(stage, component, name)
+            param.requires_grad_(chosen)
+            if chosen:
+                trainable[f"{component}.{name}"] = param
+                any_trained = True
+        module.train(any_trained)
+    return trainable
+
+
+class _PersistentReadContext:
+    """Reference K/V for the denoiser's attn1 that outlive its forward call.
+
+    Gradient checkpointing re-runs attention during backward, after `DenoisingUNet3D.forward` has
+    already cleared its reference context (in its `finally`), so the recomputation would attend
+    without the reference and fail torch's recompute check. This context ignores the clearing and
+    keeps the last K/V until the next forward sets new ones (while autograd is on; under no_grad it
+    clears as usual).
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "kv", None)
+        object.__setattr__(self, "row_reference", None)
+
+    def __setattr__(self, name, value):
+        if value is not None or not torch.is_grad_enabled():  # inference clears as usual
+            object.__setattr__(self, name, value)
+
+
+def enable_gradient_checkpointing(models: XNeMoModels) -> None:
+    """Checkpoint every UNet layer of both UNets (recomputed in backward: less memory, ~30% more time)."""
+    den = models.denoising_unet
+    context = _PersistentReadContext()
+    den.reference_context = context
+    for name in den.block_names:
+        den.get_submodule(name).attn1.processor.context = context
+    for unet in (den, models.reference_unet):
+        unet.gradient_checkpointing = True
+
+
+def zero_init_inserted_modules(unet: nn.Module) -> None:
+    """proj_out of every motion/temporal module to zero: inserted modules start as the identity."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, ModuleTransformer):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+
+
+def build_initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:
+    """The stack a run starts from (fp32, CPU) and the licence its outputs inherit."""
+    if spec.init == "scratch":
+        torch.manual_seed(seed)
+        models = build_models(spec.xnemo_config())
+        zero_init_inserted_modules(models.denoising_unet)
+        return models, SCRATCH_LICENSE
+    if spec.init == "bundle":
+        if not spec.path:
+            raise ConfigError("model.init 'bundle' needs model.path (e.g. the previous stage's final.safetensors)")
+        license_text = read_bundle_metadata(spec.path).get("license", "unknown")
+        return load_bundle(spec.path, dtype=torch.float32), license_text
+    if spec.init == "official":
+        if not spec.path:
+            raise ConfigError("model.init 'official' needs model.path (the folder with xnemo_*.pth)")
+        from xnemo_core.checkpoints import OFFICIAL_LICENSE
+
+        paths = OfficialPaths.from_folder(spec.path, base_dir=spec.base_dir, vae_dir=spec.vae_dir)
+        return load_official(paths, dtype=torch.float32), OFFICIAL_LICENSE
+    if spec.init == "sd_image_variations":
+        return init_from_sd_image_variations(spec, seed), SD_LICENSE
+    raise ConfigError(f"model.init must be scratch | bundle | official | sd_image_variations, got {spec.init!r}")
+
+
+def init_from_sd_image_variations(spec: ModelSpec, seed: int) -> XNeMoModels:
+    """Full size from lambdalabs/sd-image-variations-diffusers (both UNets, CLIP) + the SVD VAE.
+
+    The denoiser's inserted modules start as the identity (zero proj_out) and the motion encoder
+    at random; everything read from disk goes through xnemo_core's validated loader.
+    """
+    from pathlib import Path
+
+    from xnemo_core.checkpoints import _folder_weights, load_validated, official_config
+
+    if not spec.path or not spec.vae_dir:
+        raise ConfigError("model.init 'sd_image_variations' needs model.path (the sd-image-variations-diffusers "
+                          "folder with unet/ and image_encoder/) and model.vae_dir (the SVD vae/ folder)")
+    root = Path(spec.path)
+    paths = OfficialPaths(denoising_unet="", reference_unet="", motion_encoder="", temporal_module="",
+                          image_encoder_dir=str(root / "image_encoder"), vae_dir=spec.vae_dir,
+                          base_unet_dir=str(root / "unet"))
+    config: XNeMoConfig = official_config(paths)
+    torch.manual_seed(seed)
+    models = build_models(config)
+    zero_init_inserted_modules(models.denoising_unet)
+    unet_state = _folder_weights(paths.base_unet_dir)[1]
+    den = models.denoising_unet
+    state = {k: v for k, v in den.state_dict().items() if any(f in k for f in INSERTED_FAMILIES)}
+    state.update(unet_state)
+    load_validated(den, state, f"{paths.base_unet_dir} (+ identity-initialised inserted modules)", "denoising UNet3D")
+    ref_state = {k: v for k, v in unet_state.items() if not k.startswith(("conv_norm_out.", "conv_out."))}
+    load_validated(models.reference_unet, ref_state, paths.base_unet_dir, "reference UNet")
+    clip_state = {k: v for k, v in _folder_weights(paths.image_encoder_dir)[1].items() if not k.endswith("position_ids")}
+    load_validated(models.image_encoder, clip_state, paths.image_encoder_dir, "CLIP image encoder",
+                   optional=("position_ids",))
+    load_validated(models.vae, _folder_weights(paths.vae_dir)[1], paths.vae_dir, "temporal VAE")
+    return models.eval()
