@@ -2,6 +2,7 @@
 stated fraction of reference tokens, and resumes after a kill exactly where it stopped."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -11,18 +12,45 @@ import pytest
 import torch
 from PIL import Image
 
-from xnemo_core.checkpoints import load_bundle, read_bundle_metadata
-from xnemo_core.config import ImageEncoderConfig, MotionEncoderConfig, UNetConfig, VAEConfig, XNeMoConfig
-from xnemo_core.models.reference import mask_reference_kv
 from training import losses as L
-from training.augment import (DrivingAugment, colour_jitter, driving_f_rts, face_centred_box,
-                              piecewise_affine_displacement, piecewise_affine_warp, sample_augment)
+from training.augment import (
+    DrivingAugment,
+    colour_jitter,
+    driving_f_rts,
+    face_centred_box,
+    piecewise_affine_displacement,
+    piecewise_affine_warp,
+    sample_augment,
+)
 from training.checkpoint import latest_checkpoint, save_checkpoint
-from training.config import AugmentSpec, ConfigError, DataSpec, config_from_dict, load_config
-from training.data import (BoxCache, FaceSampleDataset, FaceVideo, MediaSource, StepBatchSampler, discover_media,
-                           load_videos, make_sample, resample_indices)
-from training.stages import select_trainable, stage_selects
+from training.config import (
+    AugmentSpec,
+    ConfigError,
+    DataSpec,
+    config_from_dict,
+    load_config,
+)
+from training.data import (
+    FaceSampleDataset,
+    FaceVideo,
+    MediaSource,
+    StepBatchSampler,
+    discover_media,
+    load_videos,
+    make_sample,
+    resample_indices,
+)
+from training.stages import stage_selects
 from training.trainer import Trainer
+from xnemo_core.checkpoints import load_bundle, read_bundle_metadata
+from xnemo_core.config import (
+    ImageEncoderConfig,
+    MotionEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    XNeMoConfig,
+)
+from xnemo_core.models.reference import mask_reference_kv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
@@ -274,7 +302,7 @@ def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
     values = [h[key] for h in history]
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert values[-1] < 0.95 * values[0], values
-    assert sum(b < a for a, b in zip(values, values[1:])) >= 4, values  # falls step after step
+    assert sum(b < a for a, b in itertools.pairwise(values)) >= 4, values  # falls step after step
     if stage == "motion":
         assert np.mean([h["gan_l1"] for h in history[-3:]]) < history[0]["gan_l1"]
 
@@ -500,9 +528,9 @@ def test_learning_rate_schedule():
 
 
 def test_self_reenactment_evaluation_scores_model_and_baseline():
+    from training.evaluate import evaluate, side_by_side
     from xnemo_core.config import SamplingConfig
     from xnemo_core.models.stack import build_models
-    from training.evaluate import evaluate, side_by_side
 
     torch.manual_seed(0)
     models = build_models(micro_config())

@@ -36,7 +36,7 @@ class DrivingAugment:
     hue: float = 0.0  # fraction of a full turn
 
     @classmethod
-    def identity(cls) -> "DrivingAugment":
+    def identity(cls) -> DrivingAugment:
         return cls()
 
 
@@ -73,7 +73,7 @@ def face_centred_box(face_box, crop_scale: float = 1.1, scale: float = 1.0) -> n
 
 def crop_resize(frame: np.ndarray, box, size: int) -> np.ndarray:
     """uint8 crop of `box` (may leave the frame: zero padding), resized to size x size (bicubic)."""
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    x0, y0, x1, y1 = (round(float(v)) for v in box)
     side = max(x1 - x0, y1 - y0, 1)
     crop = crop_with_padding(frame, (x0, y0, x0 + side, y0 + side))
     if crop.shape[0] == size and crop.shape[1] == size:

@@ -18,18 +18,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from xnemo_core.faces import appearance_box, fill_missing_boxes, motion_reference_box, track_face_boxes
+from xnemo_core.faces import (
+    appearance_box,
+    fill_missing_boxes,
+    motion_reference_box,
+    track_face_boxes,
+)
 from xnemo_core.pipeline import clip_pixels
 
-from .augment import DrivingAugment, augment_driving, crop_resize, driving_f_rts, sample_augment, to_unit_tensor
+from .augment import (
+    DrivingAugment,
+    augment_driving,
+    crop_resize,
+    driving_f_rts,
+    sample_augment,
+    to_unit_tensor,
+)
 from .config import AugmentSpec, DataSpec
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
@@ -61,7 +73,7 @@ def resolve_root(root: str | os.PathLike) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{text}: package {package!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
+    return Path(next(iter(spec.submodule_search_locations))) / rel
 
 
 def discover_media(roots, stills: bool = True) -> list[MediaSource]:
@@ -246,7 +258,7 @@ def load_videos(spec: DataSpec, detector: Detector | None = None, sources: list[
         boxes = face_boxes(source, frames, spec.fps, detector, cache, spec.max_frames_per_video)
         frames, boxes = _downscale(frames, boxes, spec.resolution, spec.work_scale)
         held_out = source.name in set(spec.holdout_sources)
-        train_end = 0 if held_out else len(frames) - int(round(len(frames) * spec.holdout_fraction))
+        train_end = 0 if held_out else len(frames) - round(len(frames) * spec.holdout_fraction)
         if source.kind == "image":
             train_end = 0 if held_out else 1
         videos.append(FaceVideo(source, frames, boxes, train_end))

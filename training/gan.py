@@ -21,7 +21,6 @@ from torch import nn
 
 from .config import GanSpec
 
-
 # ----------------------------------------------------------------------------------------- ResNet
 
 class Bottleneck(nn.Module):
@@ -220,7 +219,7 @@ class Discriminator(nn.Module):
     def __init__(self, spec: GanSpec):
         super().__init__()
         res = spec.resolution
-        ch = lambda r: _channels(r, spec.disc_channel_base, spec.disc_channel_max)  # noqa: E731
+        ch = lambda r: _channels(r, spec.disc_channel_base, spec.disc_channel_max)
         self.from_rgb = EqualConv2d(3, ch(res), 1)
         blocks, r = [], res
         while r > 4:

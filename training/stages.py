@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xnemo_core.checkpoints import OfficialPaths, load_bundle, load_official, read_bundle_metadata
+from xnemo_core.checkpoints import (
+    OfficialPaths,
+    load_bundle,
+    load_official,
+    read_bundle_metadata,
+)
 from xnemo_core.config import XNeMoConfig
 from xnemo_core.models.motion_modules import ModuleTransformer
 from xnemo_core.models.stack import XNeMoModels, build_models
@@ -70,33 +75,12 @@ def select_trainable(stage: str, models: XNeMoModels) -> dict[str, nn.Parameter]
     return trainable
 
 
-class _PersistentReadContext:
-    """Reference K/V for the denoiser's attn1 that outlive its forward call.
-
-    Gradient checkpointing re-runs attention during backward, after `DenoisingUNet3D.forward` has
-    already cleared its reference context (in its `finally`), so the recomputation would attend
-    without the reference and fail torch's recompute check. This context ignores the clearing and
-    keeps the last K/V until the next forward sets new ones (while autograd is on; under no_grad it
-    clears as usual).
-    """
-
-    def __init__(self):
-        object.__setattr__(self, "kv", None)
-        object.__setattr__(self, "row_reference", None)
-
-    def __setattr__(self, name, value):
-        if value is not None or not torch.is_grad_enabled():  # inference clears as usual
-            object.__setattr__(self, name, value)
-
-
 def enable_gradient_checkpointing(models: XNeMoModels) -> None:
-    """Checkpoint every UNet layer of both UNets (recomputed in backward: less memory, ~30% more time)."""
-    den = models.denoising_unet
-    context = _PersistentReadContext()
-    den.reference_context = context
-    for name in den.block_names:
-        den.get_submodule(name).attn1.processor.context = context
-    for unet in (den, models.reference_unet):
+    """Checkpoint every UNet layer of both UNets (recomputed in backward: less memory, ~30% more time).
+
+    The denoiser keeps its reference K/V set after forward, so recomputed attention reads the same bank.
+    """
+    for unet in (models.denoising_unet, models.reference_unet):
         unet.gradient_checkpointing = True
 
 

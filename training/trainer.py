@@ -11,8 +11,8 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,11 +25,20 @@ from xnemo_core.models.reference import mask_reference_kv
 from xnemo_core.models.stack import XNeMoModels
 
 from . import losses as L
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unflatten_optimizer
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from .config import TrainConfig
 from .data import FaceSampleDataset, StepBatchSampler, load_videos
 from .gan import GanHead, resize_to
-from .stages import build_initial_models, enable_gradient_checkpointing, select_trainable
+from .stages import (
+    build_initial_models,
+    enable_gradient_checkpointing,
+    select_trainable,
+)
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -556,7 +565,7 @@ class Trainer:
             m.eval()
         if self.gan is not None:
             self.gan.eval()
-        device, dtype = self.models.device, self.models.dtype
+        device = self.models.device
         batch = {k: v.to(device) for k, v in batch.items()}
         rows = []
         try:

@@ -28,7 +28,7 @@ class _Bar:
 
 def run_animation(reference: str, driving: str, out: str, *, weights=None, steps=35, cfg=2.5, seed=0, frames=None,
                   stride=1, size=None, context=24, overlap=4, scheduler="ddim", f_rts="constant", preview=False,
-                  device="auto", precision="auto", quiet=False) -> dict:
+                  device="auto", precision="auto", quiet=False, closed_loop=True, decode_chunk=25) -> dict:
     """Reference image + driving video -> mp4 at the driving fps (stride-adjusted). Returns a summary."""
     from .animate import animate, extract_driving_motion, load_models, prepare_reference_crop
     from .config import SamplingConfig
@@ -48,9 +48,10 @@ def run_animation(reference: str, driving: str, out: str, *, weights=None, steps
     if driving_motion.track.filled_frames:
         print(f"note: {driving_motion.report}", file=sys.stderr)
     settings = SamplingConfig(steps=steps, guidance_scale=cfg, seed=seed, context_frames=context,
-                              context_overlap=overlap, scheduler=scheduler)
+                              context_overlap=overlap, scheduler=scheduler, closed_loop=closed_loop)
     bar = _Bar("sampling", not quiet)
-    result = animate(models, image, driving_motion.motion, settings, reference=ref, progress=bar)
+    result = animate(models, image, driving_motion.motion, settings, reference=ref, progress=bar,
+                     decode_chunk=decode_chunk)
     bar.close()
     t3 = time.perf_counter()
     frames_out = result.uint8()
@@ -83,17 +84,45 @@ def _animate(args) -> int:
 
 
 def _demo(args) -> int:
-    from .animate import DEMO_DRIVING, DEMO_REFERENCE
+    """The bundled demo model with the sampling settings it was trained for (stored in its metadata)."""
+    from .animate import DEMO_DRIVING, DEMO_MODEL, DEMO_REFERENCE
+    from .checkpoints import read_bundle_metadata
 
-    summary = run_animation(str(DEMO_REFERENCE), str(DEMO_DRIVING), args.out, weights=None, steps=args.steps,
-                            cfg=args.cfg, seed=args.seed, frames=args.frames, preview=True, device=args.device)
+    rec = json.loads(read_bundle_metadata(DEMO_MODEL).get("recommended_sampling", "{}"))
+    summary = run_animation(str(DEMO_REFERENCE), str(DEMO_DRIVING), args.out, weights=None,
+                            steps=args.steps or rec.get("steps", 25), cfg=args.cfg, seed=args.seed, frames=args.frames,
+                            preview=True, device=args.device, context=rec.get("context_frames", 24),
+                            overlap=rec.get("context_overlap", 4), closed_loop=rec.get("closed_loop", True),
+                            f_rts=rec.get("f_rts_mode", "constant"), decode_chunk=rec.get("decode_chunk", 25))
     print(json.dumps(summary))
     print(f"demo video written to {args.out} (left: driving face crop, right: animated reference)")
     return 0
 
 
+def _bench_suite(args) -> int:
+    from .bench import default_suite_json, run_suite, save_suite, suite_table
+
+    def log(text):
+        print(text, file=sys.stderr, flush=True)
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = run_suite(weights=args.weights, suite=args.suite_size, device=args.device, precision=args.precision,
+                        log=log)
+    baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
+    print(suite_table(results, baseline))
+    path = save_suite(results, args.json or default_suite_json(results))
+    print(f"saved {path}")
+    return 0
+
+
 def _bench(args) -> int:
     from .bench import run_bench
+
+    if getattr(args, "suite", False):
+        return _bench_suite(args)
 
     results = run_bench(weights=args.weights, size=args.size, frames=args.frames, steps=args.steps, cfg=args.cfg,
                         device=args.device, precision=args.precision, extraction_frames=args.extraction_frames)
@@ -132,12 +161,12 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("demo", help="run the main job on the embedded demo model and media (CPU, offline)")
     p.add_argument("--out", default="out/demo.mp4")
-    sampling_args(p, steps=20)
+    sampling_args(p, steps=0)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="speed / memory benchmark of motion extraction and sampling")
-    p.add_argument("--weights", default=None, help="bundle / official folder; default demo; 'official-random' or "
-                                                   "'tiny-random' build random weights of that size")
+    p.add_argument("--weights", default=None, help="bundle / official folder; default demo; 'official-random', "
+                                                   "'demo-random' or 'tiny-random' build random weights of that size")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--steps", type=int, default=2)
@@ -145,5 +174,17 @@ def add_commands(sub) -> None:
     p.add_argument("--extraction-frames", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--json", default=None, help="also save the results as JSON")
+    p.add_argument("--json", default=None, help="also save the results as JSON (--suite: default "
+                                                "out/bench/bench-<suite>-<commit>-<device>.json)")
+    p.add_argument("--suite", action="store_true", help="run the fixed suite (motion extraction; sampling at two "
+                                                        "sizes x two lengths x with/without CFG; VAE decode)")
+    p.add_argument("--suite-size", default="auto", choices=["auto", "tiny", "full"],
+                   help="full: 256/512 px, 24/120 frames (GPU); tiny: the model's native size and 2x, 8/24 "
+                        "frames (CPU); auto: full on CUDA, tiny otherwise")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--compare", default=None, help="an earlier suite JSON: adds a time ratio column")
     p.set_defaults(func=_bench)
+
+    from .evaluation.cli import add_evaluate_command
+
+    add_evaluate_command(sub)
