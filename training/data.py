@@ -32,6 +32,7 @@ from xnemo_core.faces import (
     motion_reference_box,
     track_face_boxes,
 )
+from xnemo_core.atomic import atomic_path
 from xnemo_core.pipeline import clip_pixels
 
 from .augment import (
@@ -194,9 +195,8 @@ class BoxCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {"source": source.path, "detector": detector_name, "frames": len(boxes), "filled": filled,
                    "boxes": np.asarray(boxes, np.float32).astype(np.float64).tolist()}
-        tmp = self.folder / f"{key}.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.folder / f"{key}.json")
+        with atomic_path(self.folder / f"{key}.json") as tmp:
+            Path(tmp).write_text(json.dumps(payload))
 
 
 def face_boxes(source: MediaSource, frames: np.ndarray, fps: float, detector: Detector, cache: BoxCache,

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .config import ImageEncoderConfig, UNetConfig, VAEConfig, XNeMoConfig
 from .errors import XNeMoError
 from .models.stack import COMPONENTS, XNeMoModels, build_models
@@ -291,10 +292,8 @@ def save_bundle(models: XNeMoModels, path: str | os.PathLike, dtype: torch.dtype
             tensors[f"{name}.{key}"] = value.contiguous()
     metadata = {"format": BUNDLE_FORMAT, "config": models.config.to_json(), "license": license_text}
     metadata.update(extra_metadata or {})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path, prefix=".bundle-") as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def read_bundle_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -32,7 +32,6 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -42,6 +41,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
+from xnemo_core.atomic import atomic_path
 from xnemo_core.errors import InvalidInputError, XNeMoError
 
 __all__ = [
@@ -263,15 +263,8 @@ def download_blazeface_model(
             raise ModelNotFoundError(
                 f"BlazeFace model from {url} has sha256 {actual}, expected {expected_sha256}"
             )
-    handle, tmp_name = tempfile.mkstemp(prefix=".blazeface-", dir=dest_dir)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-        os.replace(tmp_name, target)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(target, prefix=".blazeface-") as tmp:
+        Path(tmp).write_bytes(data)
     return target
 
 

@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -37,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import Cancelled, FileFormatError, InvalidInputError
 
 __all__ = [
@@ -538,16 +538,8 @@ class MotionSequence:
             "filled_frames": json.dumps(self.filled_frames),
             "meta": json.dumps(self.meta),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".motion-", suffix=".safetensors.tmp", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path, prefix=".motion-") as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod
