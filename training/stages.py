@@ -125,7 +125,7 @@ def init_from_sd_image_variations(spec: ModelSpec, seed: int) -> XNeMoModels:
     """
     from pathlib import Path
 
-    from xnemo_core.checkpoints import _folder_weights, load_validated, official_config
+    from xnemo_core.checkpoints import _folder_weights, load_states_into, official_config
 
     if not spec.path or not spec.vae_dir:
         raise ConfigError("model.init 'sd_image_variations' needs model.path (the sd-image-variations-diffusers "
@@ -140,13 +140,15 @@ def init_from_sd_image_variations(spec: ModelSpec, seed: int) -> XNeMoModels:
     zero_init_inserted_modules(models.denoising_unet)
     unet_state = _folder_weights(paths.base_unet_dir)[1]
     den = models.denoising_unet
-    state = {k: v for k, v in den.state_dict().items() if any(f in k for f in INSERTED_FAMILIES)}
-    state.update(unet_state)
-    load_validated(den, state, f"{paths.base_unet_dir} (+ identity-initialised inserted modules)", "denoising UNet3D")
-    ref_state = {k: v for k, v in unet_state.items() if not k.startswith(("conv_norm_out.", "conv_out."))}
-    load_validated(models.reference_unet, ref_state, paths.base_unet_dir, "reference UNet")
-    clip_state = {k: v for k, v in _folder_weights(paths.image_encoder_dir)[1].items() if not k.endswith("position_ids")}
-    load_validated(models.image_encoder, clip_state, paths.image_encoder_dir, "CLIP image encoder",
-                   optional=("position_ids",))
-    load_validated(models.vae, _folder_weights(paths.vae_dir)[1], paths.vae_dir, "temporal VAE")
+    inserted = {k: v for k, v in den.state_dict().items() if any(f in k for f in INSERTED_FAMILIES)}
+    states = {
+        "denoising_unet": {**inserted, **unet_state},
+        "reference_unet": {k: v for k, v in unet_state.items() if not k.startswith(("conv_norm_out.", "conv_out."))},
+        "motion_encoder": models.motion_encoder.state_dict(),  # random init: stage 2 trains it
+        "image_encoder": _folder_weights(paths.image_encoder_dir)[1],
+        "vae": _folder_weights(paths.vae_dir)[1],
+    }
+    load_states_into(models, states, {
+        "denoising_unet": f"{paths.base_unet_dir} (+ identity-initialised inserted modules)",
+        "reference_unet": paths.base_unet_dir, "image_encoder": paths.image_encoder_dir, "vae": paths.vae_dir})
     return models.eval()

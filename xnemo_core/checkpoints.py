@@ -37,8 +37,8 @@ OFFICIAL_FILES = {
     "temporal_module": "xnemo_temporal_module.pth",
 }
 
-# deterministic sinusoid buffers we can rebuild when a file omits them
-REBUILDABLE_SUFFIXES = (".pos_encoder.pe",)
+# deterministic buffers (key suffixes) a file may carry or omit: the model builds them exactly itself
+REBUILDABLE = {"denoising_unet": (".pos_encoder.pe",), "image_encoder": ("position_ids",)}
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -134,7 +134,7 @@ def compare_keys(expected: dict[str, tuple], found: dict[str, tuple], source: st
     report = KeyReport(source, target)
     for key, shape in expected.items():
         if key not in found:
-            if not key.endswith(optional or ("\0",)):
+            if not key.endswith(optional):
                 report.missing.append(key)
         elif tuple(found[key]) != tuple(shape):
             report.mismatched.append((key, tuple(shape), tuple(found[key])))
@@ -244,14 +244,11 @@ def load_official_states(paths: OfficialPaths) -> dict[str, dict[str, torch.Tens
 
 
 def load_states_into(models: XNeMoModels, states: dict[str, dict[str, torch.Tensor]], sources: dict[str, str]) -> None:
-    """Validate and load each component; the temporal `pe` buffers may be absent (rebuilt exactly)."""
-    image_encoder_optional = ("position_ids",)
+    """Validate and load each component; REBUILDABLE buffers may be absent, or present where the model lacks them."""
     for name, module in models.modules().items():
-        optional = REBUILDABLE_SUFFIXES if name == "denoising_unet" else (
-            image_encoder_optional if name == "image_encoder" else ())
-        state = states[name]
-        if name == "image_encoder":
-            state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        optional = REBUILDABLE.get(name, ())
+        expected = module.state_dict().keys()
+        state = {k: v for k, v in states[name].items() if k in expected or not k.endswith(optional)}
         load_validated(module, state, sources.get(name, name), COMPONENTS[name], optional)
 
 

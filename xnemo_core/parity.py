@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoints import COMPONENTS, compare_keys, load_states_into, load_validated, merge_denoiser_states
+from .checkpoints import COMPONENTS, REBUILDABLE, compare_keys, load_states_into, load_validated, merge_denoiser_states
 from .config import ImageEncoderConfig, MotionEncoderConfig, SamplingConfig, UNetConfig, VAEConfig, XNeMoConfig
 from .models.motion_encoder import MotionEncoder
 from .models.reference import ReferenceUNet
@@ -95,7 +95,7 @@ def _denoiser_and_reference(fx: Fixture) -> tuple[DenoisingUNet3D, ReferenceUNet
     ref = ReferenceUNet(UNetConfig.from_official(ref_cfg))
     state = merge_denoiser_states(fx.weights("denoising_unet"), fx.weights("temporal_module"))
     load_validated(den, state, f"{fx.path.name} [xnemo_denoising_unet + xnemo_temporal_module]", COMPONENTS["denoising_unet"],
-                   optional=(".pos_encoder.pe",))
+                   optional=REBUILDABLE["denoising_unet"])
     load_validated(ref, fx.weights("reference_unet"), f"{fx.path.name} [xnemo_reference_unet]", COMPONENTS["reference_unet"])
     return den.eval(), ref.eval()
 
@@ -248,7 +248,7 @@ def check_manifest(manifest_path: str | Path, config: XNeMoConfig | None = None)
         "reference_unet": official.get("reference_unet", {}),
         "motion_encoder": official.get("motion_encoder", {}),
     }
-    rebuildable = (".pos_encoder.pe",)
+    rebuildable = REBUILDABLE["denoising_unet"]
     for name, found in groups.items():
         report = compare_keys(ours[name], found, f"manifest[{name}]", COMPONENTS[name], optional=rebuildable)
         unmapped_buffers = [k for k in ours[name] if k not in found and k.endswith(rebuildable)]
