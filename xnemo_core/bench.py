@@ -63,57 +63,23 @@ def unet_flops(models, size: int, frames: int, cfg: bool) -> float:
     return float(counter.get_total_flops())
 
 
-@torch.no_grad()
 def run_bench(weights=None, size=None, frames=24, steps=2, cfg=2.5, device="auto", precision="auto",
               extraction_frames=16) -> dict:
-    from .animate import native_resolution
-    from .motion import extract_motion
-    from .pipeline import XNeMoPipeline
-
-    models = _models(weights, device, precision)
-    dev = models.device
-    size = size or native_resolution(models)
-    results = {"model": models.config.name, "device": str(dev), "dtype": str(models.dtype).replace("torch.", ""),
-               "size_px": size, "frames": frames, "steps": steps, "cfg": cfg}
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-
-    crop = models.config.motion_encoder.image_size
-    crops = torch.randint(0, 255, (extraction_frames, crop, crop, 3), dtype=torch.uint8).numpy()
-    f_rts = torch.tensor([[0.0, 0.0, 1.0]]).repeat(extraction_frames, 1)
-    extract_motion(models.motion_encoder, crops[:2], f_rts[:2])  # warm-up
-    sync()
-    t = time.perf_counter()
-    extract_motion(models.motion_encoder, crops, f_rts, batch_size=16)
-    sync()
-    results["motion_extraction_fps"] = round(extraction_frames / (time.perf_counter() - t), 2)
-
-    pipe = XNeMoPipeline(models)
-    ref = torch.rand(1, 3, size, size, device=dev) * 2 - 1
-    clip_px = torch.zeros(1, 3, models.config.image_encoder.image_size, models.config.image_encoder.image_size)
-    prepared = pipe.prepare_reference(ref, clip_px, torch.zeros(1, 3, crop, crop))
-    tokens = torch.randn(frames, models.config.unet.motion_tokens, models.config.unet.motion_token_dim)
-    settings = SamplingConfig(steps=steps, guidance_scale=cfg)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    sync()
-    t = time.perf_counter()
-    out = pipe.sample(prepared, tokens, settings, decode=False)
-    sync()
-    sample_s = time.perf_counter() - t
-    results["sampling_s_per_frame_per_step"] = round(sample_s / frames / steps, 4)
-    results["sampling_s_per_frame_35_steps"] = round(sample_s / frames / steps * 35, 3)
-    t = time.perf_counter()
-    pipe.decode(out.latents.to(dev))
-    sync()
-    results["vae_decode_s_per_frame"] = round((time.perf_counter() - t) / frames, 4)
-    results["peak_memory_mb"] = round(_peak_memory_mb(dev), 1)
-
-    window = min(frames, settings.context_frames)
-    flops = unet_flops(models, size, window, cfg > 1)
-    windows_per_step = len(out.windows[0])
-    results["unet_gflop_per_window_call"] = round(flops / 1e9, 2)
-    results["achieved_tflops"] = round(flops * windows_per_step * steps / sample_s / 1e12, 3)
-    return results
+    """One case of each kind (the suite with a single size, length and CFG), as a flat summary."""
+    spec = SuiteSpec("single", sizes=(size,), frames=(frames,), cfgs=(cfg,), steps=steps,
+                     extraction_frames=extraction_frames, decode_frames=frames)
+    suite = run_suite(weights, spec, device, precision)
+    case = {c["kind"]: c for c in suite["cases"]}
+    sampling = case["sampling"]
+    return {"model": suite["model"], "device": suite["device"]["type"],
+            "dtype": suite["dtype"], "size_px": sampling["size"], "frames": frames, "steps": steps, "cfg": cfg,
+            "motion_extraction_fps": round(1.0 / case["motion_extraction"]["s_per_frame"], 2),
+            "sampling_s_per_frame_per_step": round(sampling["s_per_frame_per_step"], 4),
+            "sampling_s_per_frame_35_steps": round(sampling["s_per_frame"], 3),
+            "vae_decode_s_per_frame": round(case["vae_decode"]["s_per_frame"], 4),
+            "peak_memory_mb": round(max(c["peak_memory_mb"] for c in suite["cases"]), 1),
+            "unet_gflop_per_window_call": round(sampling["tflop"] * 1e3 / sampling["unet_calls"], 2),
+            "achieved_tflops": round(sampling["achieved_tflops"], 3)}
 
 
 # ============================================================================================ suite
