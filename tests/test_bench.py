@@ -84,3 +84,17 @@ def test_bench_suite_cli_writes_json_and_compares(tmp_path, micro_models, suite_
     assert saved["schema"] == bench.SUITE_SCHEMA and len(saved["cases"]) == 6 and saved["suite"]["name"] == "micro"
     printed = capsys.readouterr().out
     assert "vs baseline" in printed and "x time" in printed and f"saved {out}" in printed
+
+
+def test_single_bench_reports_one_case_of_each_kind(tmp_path, micro_models):
+    from xnemo_core.checkpoints import save_bundle
+
+    bundle = tmp_path / "micro.safetensors"
+    save_bundle(micro_models, bundle, license_text="random test weights")
+    result = bench.run_bench(weights=str(bundle), size=128, frames=3, steps=1, cfg=2.5, extraction_frames=2)
+    assert result["device"] == "cpu" and result["size_px"] == 128 and result["frames"] == 3
+    for key in ("motion_extraction_fps", "sampling_s_per_frame_per_step", "vae_decode_s_per_frame",
+                "peak_memory_mb", "unet_gflop_per_window_call", "achieved_tflops"):
+        assert result[key] > 0, key
+    assert result["sampling_s_per_frame_35_steps"] == pytest.approx(result["sampling_s_per_frame_per_step"] * 35,
+                                                                    rel=1e-2)
