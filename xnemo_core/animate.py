@@ -150,8 +150,8 @@ def animate(models: XNeMoModels, reference_image: np.ndarray, motion: MotionSequ
     """Animate the reference portrait with `motion`; returns frames at the motion's fps."""
     if len(motion) == 0:
         raise InvalidInputError("the motion sequence is empty")
-    expected = models.motion_encoder.config.descriptor_dim if hasattr(models.motion_encoder, "config") else None
-    if expected is not None and motion.descriptors.shape[1] != expected:
+    expected = models.config.motion_encoder.descriptor_dim
+    if motion.descriptors.shape[1] != expected:
         raise XNeMoError(f"motion descriptors have {motion.descriptors.shape[1]} channels but this model expects "
                          f"{expected}: extract the motion with the same model you sample with")
     if reference is None:
