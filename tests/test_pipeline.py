@@ -10,7 +10,7 @@ import torch
 from xnemo_core.config import SamplingConfig
 from xnemo_core.errors import Cancelled, InvalidInputError
 from xnemo_core.models.reference import mask_reference_kv
-from xnemo_core.pipeline import XNeMoPipeline, gaussian_blur
+from xnemo_core.pipeline import XNeMoPipeline, gaussian_blur, make_scheduler, schedule_timesteps
 from xnemo_core.windows import context_windows, window_weights
 
 
@@ -134,6 +134,77 @@ def test_other_schedulers_and_noise_start_run(micro_models, scheduler):
     assert torch.isfinite(out.video).all() and out.video.min() >= 0 and out.video.max() <= 1
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "euler"])
+def test_denoise_runs_the_tail_of_a_longer_schedule(scheduler):
+    """KSampler semantics: denoise 0.5 with 10 steps = the last 10 timesteps of a 20-step schedule."""
+    full = make_scheduler(scheduler)
+    full.set_timesteps(20)
+    tail = schedule_timesteps(make_scheduler(scheduler), 10, 0.5)
+    assert torch.equal(tail, full.timesteps[-10:])
+    assert torch.equal(schedule_timesteps(make_scheduler(scheduler), 10, 1.0), make_scheduler_steps(scheduler, 10))
+
+
+def make_scheduler_steps(name, steps):
+    scheduler = make_scheduler(name)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "euler"])
+def test_denoise_starts_from_the_noised_sharp_reference(micro_models, scheduler, monkeypatch):
+    """init 'reference' + denoise 0.25: the denoiser first sees the sharp reference latent noised to the
+    first timestep of the tail (not the blurred one, not pure noise), and only the tail's timesteps."""
+    pipe, prepared = _prepared(micro_models)
+    seen = []
+
+    def record(x, t, *args):
+        seen.append((int(t), x[:1].clone()))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(micro_models, "denoising_unet", _Callable(record, micro_models.denoising_unet))
+    frames = 2
+    noise = torch.randn(1, 4, frames, 16, 16, generator=torch.Generator().manual_seed(4))
+    pipe.sample(prepared, _tokens(micro_models, frames), noise=noise, decode=False,
+                settings=SamplingConfig(steps=3, scheduler=scheduler, init="reference", denoise=0.25,
+                                        guidance_scale=1.0))
+    expected_steps = schedule_timesteps(make_scheduler(scheduler), 3, 0.25)
+    assert [t for t, _ in seen] == [int(t) for t in expected_steps]
+    scheduler_ = make_scheduler(scheduler)
+    tail = schedule_timesteps(scheduler_, 3, 0.25)
+    base = prepared.latents.float()[:, :, None].expand(1, -1, frames, -1, -1)
+    start = scheduler_.scale_model_input(scheduler_.add_noise(base, noise, tail[:1]), tail[0])
+    torch.testing.assert_close(seen[0][1], start)
+    blurred = gaussian_blur(prepared.latents.float())[:, :, None].expand_as(base)
+    assert not torch.allclose(seen[0][1], scheduler_.scale_model_input(scheduler_.add_noise(blurred, noise, tail[:1]),
+                                                                       tail[0]))
+
+
+def test_v_prediction_models_get_a_v_scheduler(micro_models, monkeypatch):
+    """A v-prediction denoiser whose output is the exact v of a known x0 lands on that x0 in one DDIM step."""
+    import dataclasses
+
+    pipe, prepared = _prepared(micro_models)
+    config = micro_models.config
+    monkeypatch.setattr(micro_models, "config",
+                        dataclasses.replace(config, unet=dataclasses.replace(config.unet,
+                                                                             prediction_type="v_prediction")))
+    frames = 2
+    target = torch.randn(1, 4, frames, 16, 16, generator=torch.Generator().manual_seed(5))
+    alphas = make_scheduler("ddim", "v_prediction").alphas_cumprod
+
+    def exact_v(x, t, *args):
+        a = alphas[int(t)]
+        noise = (x - a.sqrt() * target) / (1 - a).sqrt()
+        return a.sqrt() * noise - (1 - a).sqrt() * target
+
+    monkeypatch.setattr(micro_models, "denoising_unet", _Callable(exact_v, micro_models.denoising_unet))
+    out = pipe.sample(prepared, _tokens(micro_models, frames),
+                      SamplingConfig(steps=1, guidance_scale=1.0, init="noise"), decode=False)
+    torch.testing.assert_close(out.latents, target, atol=1e-4, rtol=1e-4)
+    with pytest.raises(InvalidInputError, match="prediction type"):
+        make_scheduler("ddim", "sample")
+
+
 def test_progress_preview_and_cancel(micro_models):
     pipe, prepared = _prepared(micro_models)
     calls = []
@@ -159,6 +230,10 @@ def test_bad_settings_are_clear(micro_models):
         pipe.sample(prepared, _tokens(micro_models, 2), SamplingConfig(steps=1, scheduler="plms"))
     with pytest.raises(InvalidInputError, match="context_frames"):
         pipe.sample(prepared, _tokens(micro_models, 40), SamplingConfig(steps=1, context_frames=33))
+    with pytest.raises(InvalidInputError, match="denoise must be"):
+        pipe.sample(prepared, _tokens(micro_models, 2), SamplingConfig(steps=1, denoise=0.0))
+    with pytest.raises(InvalidInputError, match="init latent"):
+        pipe.sample(prepared, _tokens(micro_models, 2), SamplingConfig(steps=1, init="noise", denoise=0.5))
 
 
 def test_uncond_rows_read_no_reference(micro_models):

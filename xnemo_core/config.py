@@ -64,6 +64,9 @@ class UNetConfig(_JsonMixin):
     motion_tokens: int = 32
     motion_token_dim: int = 16
     temporal_max_len: int = 32
+    # what the denoiser predicts: the release's "epsilon", or "v_prediction" (v = √ᾱ·ε − √(1−ᾱ)·x0), which keeps
+    # early, high-noise steps well-posed for small models trained briefly (the demo model)
+    prediction_type: str = "epsilon"
 
     def diffusers_config(self) -> dict[str, Any]:
         """Arguments for diffusers' UNet2DConditionModel (sd-image-variations layout)."""
@@ -209,7 +212,7 @@ class XNeMoConfig(_JsonMixin):
         return cls(
             unet=UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=2, attention_head_dim=4,
                             cross_attention_dim=32, norm_num_groups=8, sample_size=16, module_heads=4,
-                            module_norm_groups=8),
+                            module_norm_groups=8, prediction_type="v_prediction"),
             motion_encoder=MotionEncoderConfig(image_size=64, stem_channels=16, hourglass_channels=32,
                                                hourglass_depth=3, attn_embed_dim=64, attn_heads=4, attn_norm_groups=8),
             vae=VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1),
@@ -237,5 +240,8 @@ class SamplingConfig(_JsonMixin):
     context_frames: int = 24
     context_overlap: int = 4
     closed_loop: bool = True  # release: windows wrap from the clip's end to its start
-    init: str = "blurred_reference"  # blurred_reference | noise
+    init: str = "blurred_reference"  # blurred_reference | reference | noise
+    # ComfyUI's KSampler meaning: < 1 starts part-way down a schedule of round(steps / denoise) steps from the
+    # noised init latent and runs its last `steps`; 1 is the release (start at the first timestep)
+    denoise: float = 1.0
     seed: int = 0

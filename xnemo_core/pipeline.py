@@ -30,24 +30,46 @@ LATENT_RGB_FACTORS = torch.tensor(
 RELEASE_SCHEDULER = dict(beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=False,
                          steps_offset=1, prediction_type="epsilon", set_alpha_to_one=True, timestep_spacing="leading")
 SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
+INITS = ("blurred_reference", "reference", "noise")  # start latents (SamplingConfig.init)
 
 ProgressFn = Callable[[int, int, "np.ndarray | None"], None]
 CancelFn = Callable[[], bool]
 
 
-def make_scheduler(name: str = "ddim"):
-    """diffusers scheduler with the release's noise schedule (DDIM is the release's sampler)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_scheduler(name: str = "ddim", prediction_type: str = "epsilon"):
+    """diffusers scheduler with the release's noise schedule (DDIM is the release's sampler) for a
+    denoiser that predicts `prediction_type` (the model config's)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise InvalidInputError(f"unknown prediction type {prediction_type!r}; one of {', '.join(PREDICTION_TYPES)}")
     if name == "ddim":
-        return DDIMScheduler(**RELEASE_SCHEDULER)
+        return DDIMScheduler(**{**RELEASE_SCHEDULER, "prediction_type": prediction_type})
     common = {k: RELEASE_SCHEDULER[k] for k in ("beta_start", "beta_end", "beta_schedule", "steps_offset",
-                                                "prediction_type", "timestep_spacing")}
+                                                "timestep_spacing")}
+    common["prediction_type"] = prediction_type
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
     if name == "euler":
         return EulerDiscreteScheduler(**common)
     raise InvalidInputError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def schedule_timesteps(scheduler, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """The timesteps to run: all `steps` of the schedule, or (denoise < 1) the last `steps` of a
+    schedule of round(steps / denoise) steps, as ComfyUI's KSampler does; sets the scheduler to match."""
+    total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
+    scheduler.set_timesteps(total, device="cpu")
+    if total == steps:
+        return scheduler.timesteps
+    order = getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[-steps * order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
+    return timesteps
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 18.0) -> torch.Tensor:
@@ -158,9 +180,10 @@ class XNeMoPipeline:
         if min(s.context_frames, frames) > max_window:
             raise InvalidInputError(f"context_frames {s.context_frames} exceeds the temporal modules' {max_window}")
         device, dtype = self.device, self.dtype
-        scheduler = make_scheduler(s.scheduler)
-        scheduler.set_timesteps(s.steps, device="cpu")
-        timesteps = scheduler.timesteps
+        if not 0.0 < s.denoise <= 1.0:
+            raise InvalidInputError(f"denoise must be in (0, 1], got {s.denoise}")
+        scheduler = make_scheduler(s.scheduler, self.models.config.unet.prediction_type)
+        timesteps = schedule_timesteps(scheduler, s.steps, s.denoise)
 
         generator = torch.Generator("cpu").manual_seed(int(s.seed))
         offset_rng = random.Random(int(s.seed))
@@ -175,13 +198,15 @@ class XNeMoPipeline:
         if noise is None:
             noise = torch.randn((1, c, frames, h, w), generator=generator)
         noise = noise.float().to(base.device)
-        if s.init == "blurred_reference":
-            blurred = gaussian_blur(base)[:, :, None].expand(1, c, frames, h, w)
-            latents = scheduler.add_noise(blurred, noise, timesteps[:1])
+        if s.init in ("blurred_reference", "reference"):
+            start = gaussian_blur(base) if s.init == "blurred_reference" else base
+            latents = scheduler.add_noise(start[:, :, None].expand(1, c, frames, h, w), noise, timesteps[:1])
         elif s.init == "noise":
+            if s.denoise < 1.0:
+                raise InvalidInputError("denoise < 1 needs an init latent: use init 'reference' or 'blurred_reference'")
             latents = noise * scheduler.init_noise_sigma
         else:
-            raise InvalidInputError(f"unknown init {s.init!r}; use 'blurred_reference' or 'noise'")
+            raise InvalidInputError(f"unknown init {s.init!r}; use one of {', '.join(INITS)}")
 
         do_cfg = s.guidance_scale > 1.0
         cond_clip = reference.clip_embeds.to(device, dtype)
