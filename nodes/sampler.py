@@ -22,7 +22,7 @@ from .common import (
 )
 
 SCHEDULERS = ("ddim", "dpmpp_2m", "euler")  # = xnemo_core.pipeline.SCHEDULERS (checked by the tests)
-INITS = ("blurred_reference", "noise")
+INITS = ("blurred_reference", "reference", "noise")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -121,13 +121,19 @@ class XNeMoSampler:
                                             "native size (512 official, 64 demo)."}),
                 "face": (list(FACE_CHOICES), {"default": "largest", "tooltip": FACE_TOOLTIP}),
                 "init": (list(INITS), {"default": "blurred_reference",
-                                       "tooltip": "Start latents: the blurred, noised reference (release) or "
-                                                  "pure noise."}),
+                                       "tooltip": "Start latents: the blurred, noised reference (release), the "
+                                                  "sharp noised reference (for denoise < 1) or pure noise."}),
                 "closed_loop": ("BOOLEAN", {"default": True,
                                             "tooltip": "Context windows wrap from the clip's end to its start (as "
                                                        "the release). Turn off for clips whose end and start "
                                                        "should not influence each other."}),
-            }
+            },
+            "optional": {
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "As in KSampler: 1.0 starts from (almost) pure noise like the "
+                                                 "release; lower values start part-way down the schedule from "
+                                                 "the noised init latent and stay closer to the reference."}),
+            },
         }
 
     @classmethod
@@ -141,7 +147,7 @@ class XNeMoSampler:
 
     @guarded("X-NeMo Animate")
     def sample(self, pipe, reference, motion, seed=0, steps=35, cfg=2.5, scheduler="ddim", context_frames=24,
-               context_overlap=4, size=0, face="largest", init="blurred_reference", closed_loop=True):
+               context_overlap=4, size=0, face="largest", init="blurred_reference", closed_loop=True, denoise=1.0):
         from xnemo_core.animate import animate, prepare_reference_crop
         from xnemo_core.config import SamplingConfig
 
@@ -154,7 +160,8 @@ class XNeMoSampler:
                                  f"temporal modules see ({limit}); use {limit} or less")
         settings = SamplingConfig(steps=int(steps), guidance_scale=float(cfg), scheduler=scheduler,
                                   context_frames=int(context_frames), context_overlap=int(context_overlap),
-                                  closed_loop=bool(closed_loop), init=init, seed=int(seed))
+                                  closed_loop=bool(closed_loop), init=init, denoise=float(denoise),
+                                  seed=int(seed))
         image = first_image(reference)
         progress = _WindowProgress(len(motion), settings)
         with pipe.on_device() as models:

@@ -80,12 +80,14 @@ def test_node_definition_is_well_formed(pack, node_id):
 
 def test_engine_constants_match_widget_lists():
     from comfyui_xnemo.nodes.model_paths import OFFICIAL_FILES
-    from comfyui_xnemo.nodes.sampler import SCHEDULERS
+    from comfyui_xnemo.nodes.sampler import INITS, SCHEDULERS
 
     from xnemo_core.checkpoints import OFFICIAL_FILES as ENGINE_FILES
+    from xnemo_core.pipeline import INITS as ENGINE_INITS
     from xnemo_core.pipeline import SCHEDULERS as ENGINE_SCHEDULERS
 
     assert tuple(SCHEDULERS) == tuple(ENGINE_SCHEDULERS)
+    assert tuple(INITS) == tuple(ENGINE_INITS)
     assert set(OFFICIAL_FILES) == set(ENGINE_FILES.values())
 
 
@@ -407,6 +409,8 @@ def test_sampler_checks_settings(pack, pipe, reference_image):
         cls().sample(pipe, reference_image, random_motion(40), steps=1, context_frames=40, context_overlap=4)
     with pytest.raises(XNeMoNodeError, match="X-NeMo Animate: no face found"):
         cls().sample(pipe, torch.full((1, 96, 96, 3), 0.5), random_motion(2), steps=1)
+    with pytest.raises(XNeMoNodeError, match="X-NeMo Animate: denoise < 1 needs an init latent"):
+        cls().sample(pipe, reference_image, random_motion(2), steps=1, init="noise", denoise=0.5)
 
 
 # ------------------------------------------------------------------------------------------ paste back

@@ -28,7 +28,8 @@ class _Bar:
 
 def run_animation(reference: str, driving: str, out: str, *, weights=None, steps=35, cfg=2.5, seed=0, frames=None,
                   stride=1, size=None, context=24, overlap=4, scheduler="ddim", f_rts="constant", preview=False,
-                  device="auto", precision="auto", quiet=False, closed_loop=True, decode_chunk=25) -> dict:
+                  device="auto", precision="auto", quiet=False, closed_loop=True, decode_chunk=25,
+                  init="blurred_reference", denoise=1.0) -> dict:
     """Reference image + driving video -> mp4 at the driving fps (stride-adjusted). Returns a summary."""
     from .animate import animate, extract_driving_motion, load_models, prepare_reference_crop
     from .config import SamplingConfig
@@ -48,7 +49,8 @@ def run_animation(reference: str, driving: str, out: str, *, weights=None, steps
     if driving_motion.track.filled_frames:
         print(f"note: {driving_motion.report}", file=sys.stderr)
     settings = SamplingConfig(steps=steps, guidance_scale=cfg, seed=seed, context_frames=context,
-                              context_overlap=overlap, scheduler=scheduler, closed_loop=closed_loop)
+                              context_overlap=overlap, scheduler=scheduler, closed_loop=closed_loop, init=init,
+                              denoise=denoise)
     bar = _Bar("sampling", not quiet)
     result = animate(models, image, driving_motion.motion, settings, reference=ref, progress=bar,
                      decode_chunk=decode_chunk)
@@ -78,7 +80,8 @@ def _animate(args) -> int:
     summary = run_animation(args.reference, args.driving, args.out, weights=args.weights, steps=args.steps,
                             cfg=args.cfg, seed=args.seed, frames=args.frames, stride=args.stride, size=args.size,
                             context=args.context, overlap=args.overlap, scheduler=args.scheduler,
-                            f_rts=args.f_rts, preview=args.preview, device=args.device, precision=args.precision)
+                            f_rts=args.f_rts, preview=args.preview, device=args.device, precision=args.precision,
+                            init=args.init, denoise=args.denoise)
     print(json.dumps(summary))
     return 0
 
@@ -155,6 +158,10 @@ def add_commands(sub) -> None:
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp_2m", "euler"])
     p.add_argument("--f-rts", dest="f_rts", default="constant", choices=["constant", "paper"],
                    help="constant (0,0,1) as the release, or the paper's box-relative f_rts")
+    p.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"],
+                   help="start latents: blurred noised reference (release), sharp noised reference, pure noise")
+    p.add_argument("--denoise", type=float, default=1.0,
+                   help="as ComfyUI's KSampler: < 1 starts part-way down the schedule from the init latent")
     p.add_argument("--preview", action="store_true", help="write [driving crop | result] side by side")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.set_defaults(func=_animate)
