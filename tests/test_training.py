@@ -93,7 +93,7 @@ GAN = {"resolution": 16, "appearance_dim": 32, "appearance_width": 8, "appearanc
 
 
 def make_cfg(stage: str, **optim):
-    clip = 4 if stage in ("temporal", "vae") else 1
+    clip = 4 if stage in ("temporal", "vae", "vae_decoder") else 1
     return config_from_dict({
         "stage": stage, "model": {"config": micro_config().to_dict()},
         "data": {"resolution": 16, "clip_frames": clip},
@@ -259,6 +259,7 @@ def test_samples_are_a_function_of_their_id():
 
 EXPECTED = {
     "vae": lambda c, n: c == "vae",
+    "vae_decoder": lambda c, n: c == "vae" and n.startswith("decoder."),
     "image": lambda c, n: c == "reference_unet" or (c == "denoising_unet" and "_modules." not in n),
     "motion": lambda c, n: c == "motion_encoder" or (c == "denoising_unet" and ".motion_modules." in n),
     "temporal": lambda c, n: c == "denoising_unet" and ".temporal_modules." in n,
@@ -276,7 +277,7 @@ def never_reached(name: str) -> bool:
         (tail + "norm.", tail + "proj_in.", tail + "transformer_blocks.0.norm1."))
 
 
-@pytest.mark.parametrize("stage", ["vae", "image", "motion", "temporal"])
+@pytest.mark.parametrize("stage", ["vae", "vae_decoder", "image", "motion", "temporal"])
 def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
     trainer = make_trainer(stage, tmp_path)
     models = trainer.models
@@ -298,7 +299,7 @@ def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
     if stage == "motion":
         assert gan_g <= changed  # the GAN head trains with the motion path
         assert any(k.startswith("gan.discriminator.") for k in changed)
-    key = "l1" if stage == "vae" else "diffusion"
+    key = "l1" if stage.startswith("vae") else "diffusion"
     values = [h[key] for h in history]
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert values[-1] < 0.95 * values[0], values
@@ -572,3 +573,70 @@ def test_x0_weighting_scores_high_noise_steps_by_their_x0_error(tmp_path):
     # loss = mean_b(w_b * mse_b) lies between min(w) and max(w) times the plain ε-MSE
     assert float(weight.min()) * float(out["diffusion"]) * 0.999 <= float(out["loss"])
     assert float(out["loss"]) <= float(weight.max()) * float(out["diffusion"]) * 1.001
+
+
+def test_v_prediction_loss_targets_v_and_the_bundle_says_so(tmp_path):
+    """model.prediction_type v_prediction: the loss is the MSE to v = √ᾱ·ε − √(1−ᾱ)·x0, and the
+    exported stack carries the type, so the sampler picks the matching scheduler."""
+    from training.losses import release_alphas_cumprod
+
+    cfg = make_cfg("image")
+    cfg.model.prediction_type = "v_prediction"
+    trainer = Trainer(cfg, output=tmp_path / "run", videos=VIDEOS, log=lambda msg: None)
+    assert trainer.models.config.unet.prediction_type == "v_prediction"
+    batch = trainer.batch([0, 1])
+    seen = {}
+
+    def zero(sample, timestep, *args, **kwargs):
+        seen["x"], seen["t"] = sample.clone(), timestep.clone()
+        return torch.zeros_like(sample)
+
+    trainer.models.denoising_unet.forward = zero
+    with torch.no_grad():
+        out = trainer.module(batch, seed=321)
+        x0 = trainer.module.encode_target(batch["target"], torch.Generator().manual_seed(321))
+    alpha = release_alphas_cumprod().float()[seen["t"]].view(-1, 1, 1, 1, 1)
+    noise = (seen["x"] - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+    v = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    expected = v.pow(2).flatten(1).mean(1).mean()
+    assert abs(float(out["diffusion"]) - float(expected)) < 1e-4 * float(expected)
+    assert abs(float(out["diffusion"]) - float(noise.pow(2).mean())) > 1e-3  # not the ε target
+    trainer.export(tmp_path / "v.safetensors")
+    assert load_bundle(tmp_path / "v.safetensors").config.unet.prediction_type == "v_prediction"
+
+
+def test_reference_unet_can_start_as_a_copy_of_the_denoiser(tmp_path):
+    cfg = make_cfg("image")
+    cfg.model.reference_from_denoiser = True
+    trainer = Trainer(cfg, output=tmp_path / "run", videos=VIDEOS, log=lambda msg: None)
+    den = trainer.models.denoising_unet.state_dict()
+    ref = trainer.models.reference_unet.state_dict()
+    assert ref and all(torch.equal(v, den[k]) for k, v in ref.items())
+    plain = Trainer(make_cfg("image"), output=tmp_path / "plain", videos=VIDEOS, log=lambda msg: None)
+    assert not all(torch.equal(v, plain.models.denoising_unet.state_dict()[k])
+                   for k, v in plain.models.reference_unet.state_dict().items())
+
+
+def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
+    import dataclasses
+
+    from training.config import load_config
+    from training.demo import CONFIGS, STAGES, VAE_FROM, start_from, take_vae
+    from xnemo_core.models.stack import build_models
+
+    starts = {s: load_config(CONFIGS / f"demo_{s}.yaml").model.path for s in STAGES}
+    assert starts["vae"] is None  # from scratch
+    assert start_from(starts["vae_decoder"], Path("out")) == Path("out/vae/final.safetensors")
+    assert start_from(starts["stage1"], Path("out")) == Path("out/vae/final.safetensors")  # same latents
+    assert start_from(starts["stage2"], Path("out")) == Path("out/stage1/final.safetensors")
+    assert VAE_FROM == "vae_decoder" and STAGES.index(VAE_FROM) < STAGES.index("stage3")
+
+    torch.manual_seed(1)
+    donor = build_models(micro_models.config)
+    target = build_models(micro_models.config)
+    take_vae(target, donor)
+    assert all(torch.equal(v, donor.vae.state_dict()[k]) for k, v in target.vae.state_dict().items())
+    other = dataclasses.replace(micro_models.config, vae=dataclasses.replace(micro_models.config.vae,
+                                                                             scaling_factor=0.5))
+    with pytest.raises(ValueError, match="VAE config differs"):
+        take_vae(build_models(other), donor)

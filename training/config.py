@@ -18,6 +18,7 @@ from xnemo_core.config import XNeMoConfig
 # stage name -> what it trains (see training/stages.py for the exact parameter sets)
 STAGES = {
     "vae": "the small VAE of a from-scratch size (encoder + temporal decoder)",
+    "vae_decoder": "the VAE's temporal decoder alone (encoder frozen, so the latent space stays put)",
     "image": "stage 1: spatial denoising UNet + reference UNet on image pairs",
     "motion": "stage 2: motion encoder + motion attention modules + GAN head, end to end",
     "temporal": "stage 3: temporal attention modules on clips",
@@ -45,6 +46,12 @@ class ModelSpec:
     base_dir: str | None = None  # official: sd-image-variations folder (default: path/sd-image-variations-diffusers)
     vae_dir: str | None = None  # official / sd_image_variations: SVD vae/ folder
     gan_head: str | None = None  # optional gan_head.safetensors of an earlier run to continue from
+    # start the reference UNet as a copy of the denoiser's spatial weights, as starting both from SD does at
+    # full size: the two UNets then see one feature space, and reference attention can match from step 0
+    reference_from_denoiser: bool = False
+    # set the denoiser's prediction type (epsilon | v_prediction) of a stack that has not been trained yet
+    # (e.g. the VAE stage's bundle); None keeps the starting weights' own
+    prediction_type: str | None = None
 
     def xnemo_config(self) -> XNeMoConfig:
         if self.config is not None:
@@ -101,7 +108,8 @@ class LossSpec:
     uncond_prob: float = 0.1  # drop reference, CLIP and driving motion together (trains the CFG negative)
     f_rts_mode: str = "paper"  # paper: from face boxes | constant: (0, 0, 1) as the release feeds
     # per-sample weight of the ε-MSE: 1 (plain ε-loss), or clamp(1/SNR(t), 1, max_x0_weight), which scores
-    # high-noise steps by their x0 error (what sampling from noise needs first; speeds up short trainings)
+    # high-noise steps by their x0 error (what sampling from noise needs first; speeds up short trainings).
+    # Only for ε-prediction models: a v-prediction loss already scores high-noise steps by their x0 error.
     x0_weighting: bool = False
     max_x0_weight: float = 100.0
     # GAN head (stage 2)

@@ -1,10 +1,11 @@
 """Reproduce the bundled demo model: `python -m training.demo`.
 
-Runs training/configs/demo_{vae,stage1,stage2,stage3}.yaml in order on CPU (each stage starts from
-the previous stage's final.safetensors), writes the last stage's weights as one fp16 bundle to
-xnemo_core/assets/demo_model.safetensors, evaluates self-reenactment on the held-out tails of the
-videos, and writes the side-by-side picture and the model card next to the bundle.
-A killed run continues where it stopped with the same command plus `--resume`.
+Runs training/configs/demo_{vae,vae_decoder,stage1,stage2,stage3}.yaml in order on CPU. Each stage starts
+from the run its config names (vae_decoder and stage1 both from vae: the decoder fine-tune keeps the
+encoder, so the latents the diffusion stages learn are unchanged). The bundle is stage 3's stack with
+the fine-tuned VAE, stored fp16 in xnemo_core/assets/demo_model.safetensors; then self-reenactment on
+the held-out tails of the videos is evaluated, and the side-by-side picture and model card are written
+next to the bundle. A killed run continues where it stopped with the same command plus `--resume`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from .config import load_config
 from .trainer import Trainer
 
 CONFIGS = Path(__file__).parent / "configs"
-STAGES = ["vae", "stage1", "stage2", "stage3"]
+STAGES = ["vae", "vae_decoder", "stage1", "stage2", "stage3"]
+VAE_FROM = "vae_decoder"  # the bundle's VAE comes from here, everything else from the last stage
 ASSETS = Path(__file__).resolve().parents[1] / "xnemo_core" / "assets"
 LICENSE = "Apache-2.0 (comfyui-xnemo demo weights, trained from scratch on CPU; no third-party weights)"
 # decided before looking at results: the release's CFG 2.5 is the headline, CFG 1 is reported beside it
@@ -32,11 +34,12 @@ EXTRA_GUIDANCE = (1.0,)
 
 
 def train_stages(output: Path, resume: bool, log) -> dict:
-    metrics, previous = {}, None
+    metrics = {}
     for stage in STAGES:
         overrides = {"output": str(output / stage)}
-        if previous is not None:
-            overrides["model"] = {"path": str(previous / "final.safetensors")}
+        named = load_config(CONFIGS / f"demo_{stage}.yaml").model.path
+        if named:
+            overrides["model"] = {"path": str(start_from(named, output))}
         cfg = load_config(CONFIGS / f"demo_{stage}.yaml", overrides)
         folder = output / stage
         if resume and (folder / "metrics.json").is_file():
@@ -44,8 +47,21 @@ def train_stages(output: Path, resume: bool, log) -> dict:
             metrics[stage] = json.loads((folder / "metrics.json").read_text())
         else:
             metrics[stage] = Trainer(cfg, output=folder, log=log).fit(resume=resume)
-        previous = folder
     return metrics
+
+
+def start_from(named: str, output: Path) -> Path:
+    """A config's starting bundle inside this run: runs/demo/<stage>/final.safetensors -> <output>/<stage>/..."""
+    named = Path(named)
+    return output / named.parent.name / named.name
+
+
+def take_vae(models, donor) -> None:
+    """Put `donor`'s VAE into `models`; both must share the VAE config (one latent space)."""
+    if donor.config.vae != models.config.vae:
+        raise ValueError(f"the {VAE_FROM} run's VAE config differs from the last stage's: "
+                         f"{donor.config.vae} vs {models.config.vae}")
+    models.vae.load_state_dict(donor.vae.state_dict())
 
 
 def main(argv=None) -> int:
@@ -70,6 +86,7 @@ def main(argv=None) -> int:
 
     bundle_path = assets / "demo_model.safetensors"
     models = load_bundle(output / STAGES[-1] / "final.safetensors", dtype=torch.float32)
+    take_vae(models, load_bundle(output / VAE_FROM / "final.safetensors", dtype=torch.float32))
     last_cfg = load_config(CONFIGS / f"demo_{STAGES[-1]}.yaml")
     command = "python -m training.demo"
     recommended = {"steps": EVAL["steps"], "guidance_scale": EVAL["guidance"], "context_frames": EVAL["context"],
@@ -110,7 +127,7 @@ def main(argv=None) -> int:
         "held_out_segments": {v.source.name: [v.train_end, len(v)] for v in videos if not v.still},
         "stages": {s: {k: metrics[s].get(k) for k in ("steps", "seconds", "samples_per_s", "batch_size", "final_losses")}
                    for s in STAGES},
-        "training_seconds": round(sum(metrics[s]["seconds"] for s in STAGES), 1),  # the four training loops
+        "training_seconds": round(sum(metrics[s]["seconds"] for s in STAGES), 1),  # the training loops
         "run_seconds": train_seconds if not args.eval_only else None,  # + data loading, checkpoints, previews
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} thread(s)",

@@ -119,12 +119,15 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=8, help="context window (frames); the clip length trained")
     parser.add_argument("--max-frames", type=int, default=48)
     parser.add_argument("--decode-chunk", type=int, default=8, help="frames per VAE decode (the VAE's clip length)")
+    parser.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"])
+    parser.add_argument("--denoise", type=float, default=1.0, help="< 1 starts part-way down the schedule")
     parser.add_argument("--picture", default=None, help="write the side-by-side PNG here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     models = load_bundle(args.bundle, dtype=torch.float32)
     settings = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, context_frames=args.context,
-                              context_overlap=min(4, args.context // 2), closed_loop=False, seed=0)
+                              context_overlap=min(4, args.context // 2), closed_loop=False, init=args.init,
+                              denoise=args.denoise, seed=0)
     summary, results = evaluate(models, load_videos(cfg.data), cfg.data.resolution, settings, args.max_frames,
                                 decode_chunk=args.decode_chunk)
     if args.picture:

@@ -5,6 +5,7 @@ Trainable sets (everything else is frozen: requires_grad False, eval mode):
 | stage      | trains                                                                                  |
 |------------|-----------------------------------------------------------------------------------------|
 | vae        | vae (encoder, temporal decoder): from-scratch sizes only                                 |
+| vae_decoder| vae `decoder.` only (the latents, and so every diffusion stage, are unchanged)            |
 | image (1)  | denoising_unet spatial weights (all but `.motion_modules.` / `.temporal_modules.`) and the whole reference_unet |
 | motion (2) | motion_encoder, denoising_unet `.motion_modules.`, and the GAN head (appearance encoder, generator; discriminator with its own optimiser) |
 | temporal(3)| denoising_unet `.temporal_modules.`                                                     |
@@ -12,6 +13,8 @@ Trainable sets (everything else is frozen: requires_grad False, eval mode):
 The CLIP image encoder is never trained.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -25,6 +28,7 @@ from xnemo_core.checkpoints import (
 from xnemo_core.config import XNeMoConfig
 from xnemo_core.models.motion_modules import ModuleTransformer
 from xnemo_core.models.stack import XNeMoModels, build_models
+from xnemo_core.pipeline import PREDICTION_TYPES
 
 from .config import ConfigError, ModelSpec
 
@@ -47,6 +51,8 @@ def stage_selects(stage: str, component: str, name: str) -> bool:
     """Is parameter `name` of stack component `component` trained in `stage`?"""
     if stage == "vae":
         return component == "vae"
+    if stage == "vae_decoder":
+        return component == "vae" and name.startswith("decoder.")
     if stage == "image":
         return component == "reference_unet" or (component == "denoising_unet" and _denoiser_part(name) == "spatial")
     if stage == "motion":
@@ -93,8 +99,34 @@ def zero_init_inserted_modules(unet: nn.Module) -> None:
                 module.proj_out.bias.zero_()
 
 
+def copy_denoiser_into_reference(models: XNeMoModels) -> int:
+    """Overwrite the reference UNet with the denoiser's same-named spatial weights; returns how many tensors."""
+    source = models.denoising_unet.state_dict()
+    target = models.reference_unet.state_dict()
+    shared = {k: source[k] for k in target if k in source and source[k].shape == target[k].shape}
+    missing = sorted(set(target) - set(shared))
+    if missing:
+        raise ConfigError(f"reference_from_denoiser: the reference UNet has {len(missing)} weight(s) the denoiser "
+                          f"lacks (e.g. {missing[0]!r}); the two UNets must share a spatial layout")
+    models.reference_unet.load_state_dict(shared)
+    return len(shared)
+
+
 def build_initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:
     """The stack a run starts from (fp32, CPU) and the licence its outputs inherit."""
+    models, license_text = _initial_models(spec, seed)
+    if spec.prediction_type is not None and spec.prediction_type != models.config.unet.prediction_type:
+        if spec.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"model.prediction_type must be one of {PREDICTION_TYPES}, got {spec.prediction_type!r}")
+        config = models.config
+        models.config = dataclasses.replace(config, unet=dataclasses.replace(config.unet,
+                                                                           prediction_type=spec.prediction_type))
+    if spec.reference_from_denoiser:
+        copy_denoiser_into_reference(models)
+    return models, license_text
+
+
+def _initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:
     if spec.init == "scratch":
         torch.manual_seed(seed)
         models = build_models(spec.xnemo_config())

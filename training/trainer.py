@@ -40,6 +40,7 @@ from .stages import (
     select_trainable,
 )
 
+VAE_STAGES = ("vae", "vae_decoder")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -66,6 +67,7 @@ class TrainModule(nn.Module):
         self.cfg = cfg
         self.stage = cfg.stage
         self.scaling_factor = models.config.vae.scaling_factor
+        self.prediction_type = models.config.unet.prediction_type
         for name, module in models.modules().items():
             self.add_module(name, module)
         self.appearance = gan.appearance if gan is not None else None
@@ -76,7 +78,7 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int, discriminator: nn.Module | None = None):
         generator = torch.Generator().manual_seed(int(seed))
-        if self.stage == "vae":
+        if self.stage in VAE_STAGES:
             return self.vae_losses(batch, generator)
         return self.diffusion_losses(batch, generator, discriminator)
 
@@ -146,10 +148,14 @@ class TrainModule(nn.Module):
         noise = _randn(x0.shape, generator, x0)
         alpha = self.alphas_cumprod[timesteps].view(b, 1, 1, 1, 1).to(x0)
         noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-        eps = self.denoising_unet(noisy, timesteps, clip, motion, kv, rows)
-        per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+        prediction = self.denoising_unet(noisy, timesteps, clip, motion, kv, rows)
+        if self.prediction_type == "v_prediction":
+            target_out = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+        else:
+            target_out = noise
+        per_sample = (prediction.float() - target_out.float()).pow(2).flatten(1).mean(1)
         parts = {"diffusion": per_sample.mean()}
-        if lc.x0_weighting:
+        if lc.x0_weighting and self.prediction_type == "epsilon":
             weight = ((1 - alpha) / alpha).flatten().float().clamp(1.0, lc.max_x0_weight)
             loss = lc.diffusion * (weight * per_sample).mean()
         else:
@@ -293,7 +299,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _perceptual_nets(self) -> dict[str, nn.Module]:
         lc = self.cfg.loss
-        need = {"vgg": (self.gan is not None and lc.vgg > 0) or (self.cfg.stage == "vae" and lc.vae_perceptual > 0),
+        need = {"vgg": (self.gan is not None and lc.vgg > 0) or (self.cfg.stage in VAE_STAGES and lc.vae_perceptual > 0),
                 "vggface": self.gan is not None and lc.vggface > 0}
         nets = {}
         for kind, needed in need.items():
@@ -572,7 +578,7 @@ class Trainer:
             for i in range(batch["target"].shape[0]):
                 target = batch["target"][i]  # [3,F,H,W]
                 res = target.shape[-1]
-                if self.cfg.stage == "vae":
+                if self.cfg.stage in VAE_STAGES:
                     rec = self.models.vae.decode(self.models.vae.encode(target.permute(1, 0, 2, 3)).latent_dist.mean,
                                                  num_frames=target.shape[1]).sample
                     rows.append([*target.permute(1, 0, 2, 3), *rec])
