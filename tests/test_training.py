@@ -550,6 +550,16 @@ def test_self_reenactment_evaluation_scores_model_and_baseline():
     assert picture.shape == (96, 96, 3) and picture.dtype == np.uint8
 
 
+def test_training_segments_mirror_the_held_out_ones_without_touching_them():
+    from training.evaluate import held_out_segments, training_segments
+
+    video = synthetic_video(30, 0, holdout=8)
+    assert held_out_segments([video]) == [(video, 22, 30)]
+    assert training_segments([video], max_frames=48) == [(video, 14, 22)]  # same length, ends where held-out starts
+    assert training_segments([video], max_frames=4) == [(video, 17, 22)]  # reference + 4 drivers
+    assert training_segments([synthetic_video(12, 0, holdout=8)]) == []  # too few trained-on frames
+
+
 def test_x0_weighting_scores_high_noise_steps_by_their_x0_error(tmp_path):
     from training.losses import release_alphas_cumprod
 

@@ -66,6 +66,18 @@ def held_out_segments(videos: list[FaceVideo], min_frames: int = 8) -> list[tupl
     return [(v, v.train_end, len(v)) for v in videos if not v.still and len(v) - v.train_end >= min_frames]
 
 
+def training_segments(videos: list[FaceVideo], max_frames: int = 48,
+                      min_frames: int = 8) -> list[tuple[FaceVideo, int, int]]:
+    """Segments shaped like the held-out ones (reference + up to `max_frames` drivers) that end where
+    each held-out tail begins: trained-on frames, for choosing sampling settings without the held-out ones."""
+    out = []
+    for video, first, end in held_out_segments(videos, min_frames):
+        length = min(end - first, max_frames + 1)
+        if first - length >= 0:
+            out.append((video, first - length, first))
+    return out
+
+
 def side_by_side(results: list[Reenactment], columns: int = 6, scale: int = 2) -> np.ndarray:
     """Per video three rows (real driving frames | model | repeated reference) at `columns` times."""
     import torch.nn.functional as F
@@ -93,13 +105,19 @@ def summarise(results: list[Reenactment]) -> dict:
 
 
 def evaluate(models: XNeMoModels, videos: list[FaceVideo], resolution: int, settings: SamplingConfig,
-             max_frames: int = 48, stride: int = 1, decode_chunk: int = 25) -> tuple[dict, list[Reenactment]]:
+             max_frames: int = 48, stride: int = 1, decode_chunk: int = 25,
+             split: str = "held_out") -> tuple[dict, list[Reenactment]]:
+    """Self-reenactment on the held-out tails (split 'held_out') or on the trained-on segments just
+    before them (split 'training', for choosing settings)."""
+    if split not in ("held_out", "training"):
+        raise ValueError(f"split must be 'held_out' or 'training', got {split!r}")
+    segments = held_out_segments(videos) if split == "held_out" else training_segments(videos, max_frames)
     results = []
-    for video, first, end in held_out_segments(videos):
+    for video, first, end in segments:
         frames = list(range(first + 1, end, stride))[:max_frames]
         results.append(self_reenact(models, video, first, frames, resolution, settings, decode_chunk=decode_chunk))
     if not results:
-        raise ValueError("no held-out video segment to evaluate (set data.holdout_fraction)")
+        raise ValueError(f"no {split} video segment to evaluate (set data.holdout_fraction)")
     return summarise(results), results
 
 

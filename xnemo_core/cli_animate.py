@@ -96,7 +96,8 @@ def _demo(args) -> int:
                             steps=args.steps or rec.get("steps", 25), cfg=args.cfg, seed=args.seed, frames=args.frames,
                             preview=True, device=args.device, context=rec.get("context_frames", 24),
                             overlap=rec.get("context_overlap", 4), closed_loop=rec.get("closed_loop", True),
-                            f_rts=rec.get("f_rts_mode", "constant"), decode_chunk=rec.get("decode_chunk", 25))
+                            f_rts=rec.get("f_rts_mode", "constant"), decode_chunk=rec.get("decode_chunk", 25),
+                            init=rec.get("init", "blurred_reference"), denoise=rec.get("denoise", 1.0))
     print(json.dumps(summary))
     print(f"demo video written to {args.out} (left: driving face crop, right: animated reference)")
     return 0
