@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-chunk", type=int, default=8, help="frames per VAE decode (the VAE's clip length)")
     parser.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"])
     parser.add_argument("--denoise", type=float, default=1.0, help="< 1 starts part-way down the schedule")
+    parser.add_argument("--split", default="held_out", choices=["held_out", "training"],
+                        help="held-out tails, or trained-on segments of the same shape (for choosing settings)")
     parser.add_argument("--picture", default=None, help="write the side-by-side PNG here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
                               context_overlap=min(4, args.context // 2), closed_loop=False, init=args.init,
                               denoise=args.denoise, seed=0)
     summary, results = evaluate(models, load_videos(cfg.data), cfg.data.resolution, settings, args.max_frames,
-                                decode_chunk=args.decode_chunk)
+                                decode_chunk=args.decode_chunk, split=args.split)
     if args.picture:
         Image.fromarray(side_by_side(results)).save(args.picture)
     print(json.dumps(summary, indent=1))
