@@ -90,7 +90,8 @@ def _evaluate(args) -> int:
     settings = EvalSettings(frames=args.frames, stride=args.stride, steps=args.steps, cfg=args.cfg, seed=args.seed,
                             size=args.size, context=args.context, overlap=args.overlap, scheduler=args.scheduler,
                             closed_loop=not args.open_loop, decode_chunk=args.decode_chunk,
-                            f_rts=args.f_rts, baseline=not args.no_baseline, start_fraction=args.start_fraction)
+                            f_rts=args.f_rts, baseline=not args.no_baseline, start_fraction=args.start_fraction,
+                            init=args.init, denoise=args.denoise)
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
@@ -130,6 +131,8 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--overlap", type=int, default=4)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp_2m", "euler"])
     p.add_argument("--open-loop", action="store_true", help="context windows do not wrap from the end to the start")
+    p.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"])
+    p.add_argument("--denoise", type=float, default=1.0, help="< 1: start part-way down the schedule (KSampler)")
     p.add_argument("--decode-chunk", type=int, default=25, help="frames per VAE decode call")
     p.add_argument("--f-rts", dest="f_rts", default="constant", choices=["constant", "paper"])
     p.add_argument("--device", default="auto")

@@ -215,13 +215,15 @@ class EvalSettings:
     f_rts: str = "constant"
     baseline: bool = True
     start_fraction: float = 0.0  # start each driving clip this far into the video (e.g. 0.85: a held-out tail)
+    init: str = "blurred_reference"  # sampler start latents (SamplingConfig.init)
+    denoise: float = 1.0
 
     def sampling(self):
         from ..config import SamplingConfig
 
         return SamplingConfig(steps=self.steps, guidance_scale=self.cfg, seed=self.seed,
                               context_frames=self.context, context_overlap=self.overlap, scheduler=self.scheduler,
-                              closed_loop=self.closed_loop)
+                              closed_loop=self.closed_loop, init=self.init, denoise=self.denoise)
 
 
 def clip_name(path: str | Path) -> str:
