@@ -349,3 +349,12 @@ def test_read_clip_start_fraction_reaches_the_held_out_tail():
     assert tail.frame_indices == list(range(first, total)) and len(tail.frames) == total - first
     with pytest.raises(ValueError):
         read_clip(DEMO_DRIVING, 5, EvalSettings(start_fraction=1.0))
+
+
+def test_eval_settings_carry_the_sampler_start():
+    from xnemo_core.evaluation.protocols import EvalSettings
+
+    default = EvalSettings().sampling()
+    assert (default.init, default.denoise) == ("blurred_reference", 1.0)  # the release's start
+    chosen = EvalSettings(init="reference", denoise=0.3, cfg=1.0).sampling()
+    assert (chosen.init, chosen.denoise, chosen.guidance_scale) == ("reference", 0.3, 1.0)
