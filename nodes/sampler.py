@@ -21,8 +21,8 @@ from .common import (
     to_image,
 )
 
-SCHEDULERS = ("ddim", "dpmpp_2m", "euler")  # = xnemo_core.pipeline.SCHEDULERS (checked by the tests)
-INITS = ("blurred_reference", "reference", "noise")
+SCHEDULERS = ("ddim", "dpmpp_2m", "euler")  # = xnemo_core.config.SCHEDULERS (checked by the tests)
+INITS = ("blurred_reference", "reference", "noise")  # = xnemo_core.config.INITS (checked by the tests)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 

@@ -83,8 +83,8 @@ def test_engine_constants_match_widget_lists():
     from comfyui_xnemo.nodes.sampler import INITS, SCHEDULERS
 
     from xnemo_core.checkpoints import OFFICIAL_FILES as ENGINE_FILES
-    from xnemo_core.pipeline import INITS as ENGINE_INITS
-    from xnemo_core.pipeline import SCHEDULERS as ENGINE_SCHEDULERS
+    from xnemo_core.config import INITS as ENGINE_INITS
+    from xnemo_core.config import SCHEDULERS as ENGINE_SCHEDULERS
 
     assert tuple(SCHEDULERS) == tuple(ENGINE_SCHEDULERS)
     assert tuple(INITS) == tuple(ENGINE_INITS)

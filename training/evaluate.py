@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xnemo_core.config import SamplingConfig
+from xnemo_core.config import INITS, SamplingConfig
 from xnemo_core.models.stack import XNeMoModels
 from xnemo_core.pipeline import XNeMoPipeline
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=8, help="context window (frames); the clip length trained")
     parser.add_argument("--max-frames", type=int, default=48)
     parser.add_argument("--decode-chunk", type=int, default=8, help="frames per VAE decode (the VAE's clip length)")
-    parser.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"])
+    parser.add_argument("--init", default="blurred_reference", choices=INITS)
     parser.add_argument("--denoise", type=float, default=1.0, help="< 1 starts part-way down the schedule")
     parser.add_argument("--split", default="held_out", choices=["held_out", "training"],
                         help="held-out tails, or trained-on segments of the same shape (for choosing settings)")

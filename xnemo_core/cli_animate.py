@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import INITS, SCHEDULERS
+
 
 class _Bar:
     """A tqdm bar that tolerates repeated totals (one per phase)."""
@@ -156,10 +158,10 @@ def add_commands(sub) -> None:
     p.add_argument("--size", type=int, default=None, help="output size in px (default: the model's native size)")
     p.add_argument("--context", type=int, default=24, help="frames per context window")
     p.add_argument("--overlap", type=int, default=4, help="overlap between context windows")
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp_2m", "euler"])
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
     p.add_argument("--f-rts", dest="f_rts", default="constant", choices=["constant", "paper"],
                    help="constant (0,0,1) as the release, or the paper's box-relative f_rts")
-    p.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"],
+    p.add_argument("--init", default="blurred_reference", choices=INITS,
                    help="start latents: blurred noised reference (release), sharp noised reference, pure noise")
     p.add_argument("--denoise", type=float, default=1.0,
                    help="as ComfyUI's KSampler: < 1 starts part-way down the schedule from the init latent")

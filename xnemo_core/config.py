@@ -230,6 +230,10 @@ _NESTED = {
 }
 
 
+SCHEDULERS = ("ddim", "dpmpp_2m", "euler")  # SamplingConfig.scheduler
+INITS = ("blurred_reference", "reference", "noise")  # SamplingConfig.init: start latents
+
+
 @dataclass(frozen=True)
 class SamplingConfig(_JsonMixin):
     """Sampler settings. Defaults reproduce the official release (35 steps, CFG 2.5)."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SamplingConfig
+from .config import INITS, SCHEDULERS, SamplingConfig
 from .errors import Cancelled, InvalidInputError
 from .models.stack import XNeMoModels
 from .windows import context_windows, window_weights
@@ -29,8 +29,6 @@ LATENT_RGB_FACTORS = torch.tensor(
 )
 RELEASE_SCHEDULER = dict(beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=False,
                          steps_offset=1, prediction_type="epsilon", set_alpha_to_one=True, timestep_spacing="leading")
-SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
-INITS = ("blurred_reference", "reference", "noise")  # start latents (SamplingConfig.init)
 
 ProgressFn = Callable[[int, int, "np.ndarray | None"], None]
 CancelFn = Callable[[], bool]

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import INITS, SCHEDULERS
 from .common import package_dir
 
 
@@ -129,9 +130,9 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--size", type=int, default=None, help="output size (default: the model's native size)")
     p.add_argument("--context", type=int, default=24)
     p.add_argument("--overlap", type=int, default=4)
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp_2m", "euler"])
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
     p.add_argument("--open-loop", action="store_true", help="context windows do not wrap from the end to the start")
-    p.add_argument("--init", default="blurred_reference", choices=["blurred_reference", "reference", "noise"])
+    p.add_argument("--init", default="blurred_reference", choices=INITS)
     p.add_argument("--denoise", type=float, default=1.0, help="< 1: start part-way down the schedule (KSampler)")
     p.add_argument("--decode-chunk", type=int, default=25, help="frames per VAE decode call")
     p.add_argument("--f-rts", dest="f_rts", default="constant", choices=["constant", "paper"])
