@@ -40,11 +40,9 @@ CANDIDATES = [RELEASE_START, {**RELEASE_START, "guidance": 1.0},
 def train_stages(output: Path, resume: bool, log) -> dict:
     metrics = {}
     for stage in STAGES:
-        overrides = {"output": str(output / stage)}
-        named = load_config(CONFIGS / f"demo_{stage}.yaml").model.path
-        if named:
-            overrides["model"] = {"path": str(start_from(named, output))}
-        cfg = load_config(CONFIGS / f"demo_{stage}.yaml", overrides)
+        cfg = load_config(CONFIGS / f"demo_{stage}.yaml", {"output": str(output / stage)})
+        if cfg.model.path:
+            cfg.model.path = str(start_from(cfg.model.path, output))
         folder = output / stage
         if resume and (folder / "metrics.json").is_file():
             log(f"demo: {stage} already finished, skipping")
