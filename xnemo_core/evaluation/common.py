@@ -55,6 +55,18 @@ def env_path(value: str | os.PathLike | None, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
+def user_file(value: str | os.PathLike | None, env: str, flag: str, needs: str,
+              kind: str) -> tuple[str | None, str | None]:
+    """(path, why it is absent or None) of a weights file only the user can supply: the explicit path,
+    else ``$env``; the reason names what is needed, the flag and the variable, or the missing file."""
+    path = env_path(value, env)
+    if path is None:
+        return None, f"needs {needs} ({flag} PATH or ${env})"
+    if not Path(path).is_file():
+        return path, f"{kind} file not found: {path}"
+    return path, None
+
+
 def module_available(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

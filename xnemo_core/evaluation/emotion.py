@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .common import (FaceBoxes, MetricStatus, MetricUnavailable, as_uint8_rgb, env_path, load_program,
-                     module_available, package_file, upscale_for_analysis)
+                     module_available, package_file, upscale_for_analysis, user_file)
 
 ENV_EMONET = "XNEMO_EMONET"
 FER_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -51,14 +51,11 @@ def fer_statuses() -> list[MetricStatus]:
 
 
 def emonet_status(path: str | None = None) -> MetricStatus:
-    path = env_path(path, ENV_EMONET)
     name = "EMO-SIM(EmoNet)"
-    if path is None:
-        return MetricStatus(name, True, "emonet", absent="needs an EmoNet valence/arousal network file "
-                                                         f"(emonet_8 exported with torch.export, .pt2, or TorchScript) "
-                                                         f"(--emonet PATH or ${ENV_EMONET})")
-    if not Path(path).is_file():
-        return MetricStatus(name, True, "emonet", absent=f"EmoNet file not found: {path}")
+    path, absent = user_file(path, ENV_EMONET, "--emonet", "an EmoNet valence/arousal network file (emonet_8 "
+                             "exported with torch.export, .pt2, or TorchScript)", "EmoNet")
+    if absent:
+        return MetricStatus(name, True, "emonet", absent=absent)
     return MetricStatus(name, True, f"emonet ({Path(path).name}), 1-|Δva|/2√2")
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .common import (FaceBoxes, MetricStatus, MetricUnavailable, as_uint8_rgb, env_path, load_program,
-                     module_available, package_file, upscale_for_analysis)
+                     module_available, package_file, upscale_for_analysis, user_file)
 
 ENV_ARCFACE = "XNEMO_ARCFACE"
 DLIB_THRESHOLD = 0.6
@@ -165,14 +165,11 @@ def iresnet_from_state(state: dict[str, torch.Tensor], source: str = "arcface") 
 
 
 def arcface_status(path: str | None = None) -> MetricStatus:
-    path = env_path(path, ENV_ARCFACE)
     name = "ID-SIM(ArcFace)"
-    if path is None:
-        return MetricStatus(name, True, "arcface", absent="needs ArcFace weights file (insightface IResNet-50/100 "
-                                                          f".pth/.onnx, e.g. glint360k_r100.pth) (--arcface PATH or "
-                                                          f"${ENV_ARCFACE})")
-    if not Path(path).is_file():
-        return MetricStatus(name, True, "arcface", absent=f"ArcFace file not found: {path}")
+    path, absent = user_file(path, ENV_ARCFACE, "--arcface", "ArcFace weights file (insightface IResNet-50/100 "
+                             ".pth/.onnx, e.g. glint360k_r100.pth)", "ArcFace")
+    if absent:
+        return MetricStatus(name, True, "arcface", absent=absent)
     if path.endswith(".onnx") and not module_available("onnxruntime"):
         return MetricStatus(name, True, "arcface", absent=f"{Path(path).name} is ONNX: needs onnxruntime "
                                                           "(pip install onnxruntime) or a .pth state dict")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import MetricStatus, MetricUnavailable, env_path, package_file
+from .common import MetricStatus, MetricUnavailable, env_path, package_file, user_file
 
 ENV_BACKBONE = "XNEMO_LPIPS_BACKBONE"
 ENV_HEADS = "XNEMO_LPIPS_HEADS"
@@ -143,14 +143,12 @@ def default_heads_path(net: str) -> Path | None:
 
 
 def lpips_status(backbone: str | None = None, net: str = "vgg", heads: str | None = None) -> MetricStatus:
-    backbone = env_path(backbone, ENV_BACKBONE)
     heads = env_path(heads, ENV_HEADS) or default_heads_path(net)
     name = "LPIPS"
-    if backbone is None:
-        return MetricStatus(name, False, f"lpips-{net}", absent=f"needs backbone weights file {BACKBONE_FILES[net]} "
-                                                               f"(--lpips-backbone PATH or ${ENV_BACKBONE})")
-    if not Path(backbone).is_file():
-        return MetricStatus(name, False, f"lpips-{net}", absent=f"backbone file not found: {backbone}")
+    backbone, absent = user_file(backbone, ENV_BACKBONE, "--lpips-backbone",
+                                 f"backbone weights file {BACKBONE_FILES[net]}", "backbone")
+    if absent:
+        return MetricStatus(name, False, f"lpips-{net}", absent=absent)
     if heads is None:
         return MetricStatus(name, False, f"lpips-{net}", absent="needs the LPIPS linear heads: pip install --no-deps "
                                                                 f"lpips==0.1.4 (or --lpips-heads / ${ENV_HEADS})")
