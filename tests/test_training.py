@@ -2,6 +2,7 @@
 stated fraction of reference tokens, and resumes after a kill exactly where it stopped."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -87,6 +88,21 @@ def synthetic_video(frames: int = 12, seed: int = 0, holdout: int = 2) -> FaceVi
 
 
 VIDEOS = [synthetic_video(12, 0), synthetic_video(10, 1)]
+
+
+def synthetic_labels(video: FaceVideo) -> np.ndarray:
+    """Motion labels that follow the cartoon (mouth opening, head x); frame 1 has no face (NaN)."""
+    from training.motion_labels import LABEL_DIM
+
+    i = np.arange(len(video), dtype=np.float32)
+    labels = np.zeros((len(video), LABEL_DIM), np.float32)
+    labels[:, 25] = (i % 3) / 2  # jawOpen-like
+    labels[:, 52] = np.sin(i / 3)  # head turns with the face's x
+    labels[1] = np.nan
+    return labels
+
+
+LABELLED = [dataclasses.replace(v, motion_labels=synthetic_labels(v)) for v in VIDEOS]
 GAN = {"resolution": 16, "appearance_dim": 32, "appearance_width": 8, "appearance_layers": [1, 1, 1, 1],
        "style_dim": 32, "mapping_layers": 2, "channel_base": 256, "channel_max": 32, "disc_channel_base": 256,
        "disc_channel_max": 32}
@@ -94,6 +110,8 @@ GAN = {"resolution": 16, "appearance_dim": 32, "appearance_width": 8, "appearanc
 
 def make_cfg(stage: str, **optim):
     clip = 4 if stage in ("temporal", "vae", "vae_decoder") else 1
+    if stage == "motion_init":
+        optim = {"batch_size": 4, **optim}
     return config_from_dict({
         "stage": stage, "model": {"config": micro_config().to_dict()},
         "data": {"resolution": 16, "clip_frames": clip},
@@ -105,7 +123,8 @@ def make_cfg(stage: str, **optim):
 
 
 def make_trainer(stage, tmp_path, name="run", **optim) -> Trainer:
-    return Trainer(make_cfg(stage, **optim), output=tmp_path / name, videos=VIDEOS, log=lambda msg: None)
+    videos = LABELLED if stage == "motion_init" else VIDEOS
+    return Trainer(make_cfg(stage, **optim), output=tmp_path / name, videos=videos, log=lambda msg: None)
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -260,6 +279,7 @@ def test_samples_are_a_function_of_their_id():
 EXPECTED = {
     "vae": lambda c, n: c == "vae",
     "vae_decoder": lambda c, n: c == "vae" and n.startswith("decoder."),
+    "motion_init": lambda c, n: c == "motion_encoder",
     "image": lambda c, n: c == "reference_unet" or (c == "denoising_unet" and "_modules." not in n),
     "motion": lambda c, n: c == "motion_encoder" or (c == "denoising_unet" and ".motion_modules." in n),
     "temporal": lambda c, n: c == "denoising_unet" and ".temporal_modules." in n,
@@ -277,7 +297,7 @@ def never_reached(name: str) -> bool:
         (tail + "norm.", tail + "proj_in.", tail + "transformer_blocks.0.norm1."))
 
 
-@pytest.mark.parametrize("stage", ["vae", "vae_decoder", "image", "motion", "temporal"])
+@pytest.mark.parametrize("stage", ["vae", "vae_decoder", "motion_init", "image", "motion", "temporal"])
 def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
     trainer = make_trainer(stage, tmp_path)
     models = trainer.models
@@ -288,7 +308,7 @@ def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
             assert p.requires_grad == (f"{c}.{n}" in expected)
     assert not any(".image_encoder." in k or k.startswith("image_encoder.") for k in trainer.params)
     before = snapshot(trainer)
-    batch = trainer.batch([0, 1])
+    batch = trainer.batch([0, 1, 2, 3] if stage == "motion_init" else [0, 1])
     steps = 10 if stage == "motion" else 6  # the GAN's L1 first jumps (adversarial start), then falls
     history = [trainer.train_step(batch, micro_step=0) for _ in range(steps)]  # same batch, same noise
     after = snapshot(trainer)
@@ -299,7 +319,7 @@ def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
     if stage == "motion":
         assert gan_g <= changed  # the GAN head trains with the motion path
         assert any(k.startswith("gan.discriminator.") for k in changed)
-    key = "l1" if stage.startswith("vae") else "diffusion"
+    key = "l1" if stage.startswith("vae") else "labels" if stage == "motion_init" else "diffusion"
     values = [h[key] for h in history]
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert values[-1] < 0.95 * values[0], values
@@ -528,6 +548,107 @@ def test_learning_rate_schedule():
     assert lr_factor(OptimSpec(max_steps=5))(3) == 1.0
 
 
+def test_motion_encoder_gets_its_own_rate_and_a_collapse_is_reported(tmp_path):
+    messages = []
+    trainer = Trainer(make_cfg("motion", motion_encoder_lr=1e-4), output=tmp_path / "run", videos=VIDEOS,
+                      log=messages.append)
+    groups = trainer.optimizer.param_groups
+    encoder = {id(p) for k, p in trainer.trainable.items() if k.startswith("motion_encoder.")}
+    by_rate = {g["initial_lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_rate[1e-4] == encoder and by_rate[1e-3] == {id(p) for p in trainer.trainable.values()} - encoder
+    assert by_rate[2e-3]  # the GAN head keeps gan_lr
+
+    logs = trainer.train_step(trainer.batch([0, 1]), micro_step=0)
+    assert logs["motion_spread"] > 0  # two different driving frames, two different feature vectors
+    assert not any("collapsed" in m for m in messages)
+
+    # kill the encoder the way a too-high rate does (the fc input is all zero after its ReLU)
+    with torch.no_grad():
+        fan = trainer.models.motion_encoder.model
+        fan.conv6.weight.zero_()
+        fan.conv6.bias.fill_(-1.0)
+    logs = trainer.train_step(trainer.batch([0, 1]), micro_step=1)
+    assert logs["motion_spread"] == 0.0
+    trainer._warn_if_motion_collapsed(logs)
+    trainer._warn_if_motion_collapsed(logs)
+    assert sum("motion encoder collapsed" in m for m in messages) == 1
+
+
+def test_motion_labels_are_read_once_cached_and_skip_faceless_frames(tmp_path):
+    from types import SimpleNamespace
+
+    from training.data import BoxCache
+    from training.motion_labels import BLENDSHAPES, LABEL_DIM, POSE_SCALE, attach_motion_labels, frame_labels
+
+    video = synthetic_video(6, 0)
+    calls = []
+
+    def analyze(frame):  # a fake tracker: no face in frame 2, otherwise the frame index as the expression
+        calls.append(frame)
+        if len(calls) == 3:
+            return None
+        return SimpleNamespace(blendshapes=np.full(BLENDSHAPES, len(calls) / 10), pose=np.array([30.0, -15.0, 0.0]))
+
+    labels = frame_labels(video.frames, analyze)
+    assert labels.shape == (6, LABEL_DIM) and np.isnan(labels[2]).all() and not np.isnan(np.delete(labels, 2, 0)).any()
+    assert labels[0, 0] == pytest.approx(0.1) and labels[3, 0] == pytest.approx(0.4)
+    assert labels[0, BLENDSHAPES:].tolist() == pytest.approx([30 / POSE_SCALE, -15 / POSE_SCALE, 0.0])
+
+    source_file = tmp_path / "clip.mp4"
+    source_file.write_bytes(b"x")  # the cache key reads the file's size and time
+    video = dataclasses.replace(video, source=MediaSource(str(source_file), "video"))
+    cache, messages = BoxCache(tmp_path / "cache"), []
+    calls.clear()
+    attach_motion_labels([video], cache, 25.0, analyze=analyze, log=messages.append)
+    assert len(calls) == 6 and np.array_equal(np.isnan(video.motion_labels[:, 0]), np.isnan(labels[:, 0]))
+    assert "5/6 frames with a face" in messages[0]
+    again = dataclasses.replace(video, motion_labels=None)
+    attach_motion_labels([again], cache, 25.0, analyze=lambda frame: pytest.fail("labels are cached"))
+    np.testing.assert_array_equal(again.motion_labels, video.motion_labels)
+    with pytest.raises(ValueError, match="no face in any frame"):
+        attach_motion_labels([dataclasses.replace(video, frames=video.frames[:3], motion_labels=None)],
+                             BoxCache(tmp_path / "other"), 25.0, analyze=lambda frame: None)
+
+
+def test_motion_probe_standardises_labels_and_ignores_faceless_rows():
+    from training.motion_labels import LABEL_DIM, MotionProbe
+
+    rng = np.random.default_rng(0)
+    labels = rng.normal(3.0, 0.01, (40, LABEL_DIM)).astype(np.float32)  # tiny spread around a large mean
+    labels[5] = np.nan
+    probe = MotionProbe(8)
+    probe.fit_label_scale(labels)
+    known = np.delete(labels, 5, 0)
+    assert torch.allclose(probe.label_mean, torch.from_numpy(known.mean(0)))
+    with torch.no_grad():  # a read-out that always answers the mean (0 in standard units) scores 1
+        probe.head.weight.zero_()
+        probe.head.bias.zero_()
+        assert float(probe.loss(torch.zeros(40, 8), torch.from_numpy(labels))) == pytest.approx(1.0, rel=1e-3)
+        only_faceless = torch.full((3, LABEL_DIM), float("nan"))
+        assert float(probe.loss(torch.zeros(3, 8), only_faceless)) == 0.0
+    with pytest.raises(ValueError, match="two training frames"):
+        probe.fit_label_scale(labels[4:6])
+
+
+def test_stage2_can_take_the_motion_encoder_of_another_run(tmp_path):
+    source = make_trainer("motion_init", tmp_path, "init")
+    source.train_step(source.batch([0, 1, 2, 3]), micro_step=0)
+    source.export(tmp_path / "init.safetensors")
+    cfg = make_cfg("motion")
+    cfg.model.motion_encoder_from = str(tmp_path / "init.safetensors")
+    trainer = Trainer(cfg, output=tmp_path / "run", videos=VIDEOS, log=lambda msg: None)
+    trained = source.models.motion_encoder.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in trainer.models.motion_encoder.state_dict().items())
+    plain = make_trainer("motion", tmp_path, "plain")
+    assert not torch.equal(plain.models.motion_encoder.final_proj.weight, trained["final_proj.weight"])
+
+    other = make_cfg("motion")
+    other.model.config["motion_encoder"]["stem_channels"] = 16
+    other.model.motion_encoder_from = str(tmp_path / "init.safetensors")
+    with pytest.raises(ConfigError, match="motion encoder config differs"):
+        Trainer(other, output=tmp_path / "bad", videos=VIDEOS, log=lambda msg: None)
+
+
 def test_self_reenactment_evaluation_scores_model_and_baseline():
     from training.evaluate import evaluate, side_by_side
     from xnemo_core.config import SamplingConfig
@@ -639,6 +760,9 @@ def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
     assert start_from(starts["vae_decoder"], Path("out")) == Path("out/vae/final.safetensors")
     assert start_from(starts["stage1"], Path("out")) == Path("out/vae/final.safetensors")  # same latents
     assert start_from(starts["stage2"], Path("out")) == Path("out/stage1/final.safetensors")
+    assert STAGES.index("motion_init") < STAGES.index("stage2")
+    encoder_from = load_config(CONFIGS / "demo_stage2.yaml").model.motion_encoder_from
+    assert start_from(encoder_from, Path("out")) == Path("out/motion_init/final.safetensors")
     assert VAE_FROM == "vae_decoder" and STAGES.index(VAE_FROM) < STAGES.index("stage3")
 
     torch.manual_seed(1)

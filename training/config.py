@@ -20,6 +20,7 @@ STAGES = {
     "vae": "the small VAE of a from-scratch size (encoder + temporal decoder)",
     "vae_decoder": "the VAE's temporal decoder alone (encoder frozen, so the latent space stays put)",
     "image": "stage 1: spatial denoising UNet + reference UNet on image pairs",
+    "motion_init": "the motion encoder alone, regressing MediaPipe blendshapes + head pose (from-scratch sizes)",
     "motion": "stage 2: motion encoder + motion attention modules + GAN head, end to end",
     "temporal": "stage 3: temporal attention modules on clips",
 }
@@ -52,6 +53,8 @@ class ModelSpec:
     # set the denoiser's prediction type (epsilon | v_prediction) of a stack that has not been trained yet
     # (e.g. the VAE stage's bundle); None keeps the starting weights' own
     prediction_type: str | None = None
+    # take the motion encoder from this bundle instead (e.g. a motion_init run's final.safetensors)
+    motion_encoder_from: str | None = None
 
     def xnemo_config(self) -> XNeMoConfig:
         if self.config is not None:
@@ -153,6 +156,9 @@ class GanSpec:
 class OptimSpec:
     lr: float = 1e-5
     gan_lr: float = 2e-4  # generator + appearance encoder
+    # stage 2: the motion encoder's own rate (None = lr). A from-scratch FAN (BatchNorm, and a ReLU
+    # right before its fc) collapses at UNet rates: its features stop depending on the driving frame.
+    motion_encoder_lr: float | None = None
     disc_lr: float = 2e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
@@ -201,7 +207,7 @@ class TrainConfig:
         self.stage = stage
         if stage == "temporal" and self.data.clip_frames < 2:
             raise ConfigError("the temporal stage needs data.clip_frames >= 2")
-        if stage in ("image", "motion") and self.data.clip_frames != 1:
+        if stage in ("image", "motion", "motion_init") and self.data.clip_frames != 1:
             raise ConfigError(f"stage {stage!r} trains on image pairs: set data.clip_frames to 1")
         if not 0.0 <= self.loss.reference_mask_ratio < 1.0:
             raise ConfigError("loss.reference_mask_ratio must be in [0, 1)")

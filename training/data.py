@@ -184,17 +184,21 @@ class BoxCache:
                             round(float(fps), 4), detector_name, int(max_frames)])
         return hashlib.sha1(ident.encode()).hexdigest()[:20]
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str, width: int = 4, field: str = "boxes") -> np.ndarray | None:
         path = self.folder / f"{key}.json"
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        return np.asarray(data["boxes"], np.float32).reshape(-1, 4)
+        if field not in data:
+            return None
+        return np.asarray(data[field], np.float32).reshape(-1, width)
 
-    def put(self, key: str, source: MediaSource, boxes: np.ndarray, filled: list[int], detector_name: str) -> None:
+    def put(self, key: str, source: MediaSource, boxes: np.ndarray, filled: list[int], detector_name: str,
+            field: str = "boxes") -> None:
+        """`field` names what the rows are (face boxes; per-frame motion labels, NaN where no face)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {"source": source.path, "detector": detector_name, "frames": len(boxes), "filled": filled,
-                   "boxes": np.asarray(boxes, np.float32).astype(np.float64).tolist()}
+                   field: np.asarray(boxes, np.float32).astype(np.float64).tolist()}
         with atomic_path(self.folder / f"{key}.json") as tmp:
             Path(tmp).write_text(json.dumps(payload))
 
@@ -225,6 +229,7 @@ class FaceVideo:
     frames: np.ndarray  # [F,H,W,3] uint8
     boxes: np.ndarray  # [F,4] float32
     train_end: int  # frames [0, train_end) train; [train_end, F) are held out
+    motion_labels: np.ndarray | None = None  # [F, LABEL_DIM] for stage motion_init (training.motion_labels)
 
     @property
     def still(self) -> bool:
@@ -347,7 +352,7 @@ def make_sample(video: FaceVideo, ref: int, frames: list[int], resolution: int, 
     motion_ref = crop_resize(video.frames[ref], motion_reference_box(ref_box, hw), motion_size)
     driving = torch.stack([augment_driving(video.frames[i], video.boxes[i], aug, motion_size, crop_scale)
                            for i in frames], dim=1)
-    return {
+    sample = {
         "reference": to_unit_tensor(ref_crop) * 2 - 1,  # [3,H,W]
         "reference_clip": clip_pixels(ref_crop)[0],  # [3,224,224]
         "motion_reference": to_unit_tensor(motion_ref) * 2 - 1,  # [3,S,S]
@@ -357,6 +362,9 @@ def make_sample(video: FaceVideo, ref: int, frames: list[int], resolution: int, 
         "video_index": torch.tensor(video_index),
         "frame_indices": torch.tensor([ref, *frames]),
     }
+    if video.motion_labels is not None:
+        sample["motion_labels"] = torch.from_numpy(video.motion_labels[frames])  # [F, LABEL_DIM], NaN: no face
+    return sample
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -1,8 +1,9 @@
 """Reproduce the bundled demo model: `python -m training.demo`.
 
-Runs training/configs/demo_{vae,vae_decoder,stage1,stage2,stage3}.yaml in order on CPU. Each stage starts
-from the run its config names (vae_decoder and stage1 both from vae: the decoder fine-tune keeps the
-encoder, so the latents the diffusion stages learn are unchanged). The bundle is stage 3's stack with
+Runs training/configs/demo_{vae,vae_decoder,stage1,motion_init,stage2,stage3}.yaml in order on CPU. Each
+stage starts from the run its config names (vae_decoder and stage1 both from vae: the decoder fine-tune
+keeps the encoder, so the latents the diffusion stages learn are unchanged; stage 2 takes its motion
+encoder from motion_init). The bundle is stage 3's stack with
 the fine-tuned VAE, stored fp16 in xnemo_core/assets/demo_model.safetensors; then self-reenactment on
 the held-out tails of the videos is evaluated, and the side-by-side picture and model card are written
 next to the bundle. A killed run continues where it stopped with the same command plus `--resume`.
@@ -24,7 +25,7 @@ from .config import load_config
 from .trainer import Trainer
 
 CONFIGS = Path(__file__).parent / "configs"
-STAGES = ["vae", "vae_decoder", "stage1", "stage2", "stage3"]
+STAGES = ["vae", "vae_decoder", "stage1", "motion_init", "stage2", "stage3"]
 VAE_FROM = "vae_decoder"  # the bundle's VAE comes from here, everything else from the last stage
 ASSETS = Path(__file__).resolve().parents[1] / "xnemo_core" / "assets"
 LICENSE = "Apache-2.0 (comfyui-xnemo demo weights, trained from scratch on CPU; no third-party weights)"
@@ -43,6 +44,8 @@ def train_stages(output: Path, resume: bool, log) -> dict:
         cfg = load_config(CONFIGS / f"demo_{stage}.yaml", {"output": str(output / stage)})
         if cfg.model.path:
             cfg.model.path = str(start_from(cfg.model.path, output))
+        if cfg.model.motion_encoder_from:
+            cfg.model.motion_encoder_from = str(start_from(cfg.model.motion_encoder_from, output))
         folder = output / stage
         if resume and (folder / "metrics.json").is_file():
             log(f"demo: {stage} already finished, skipping")

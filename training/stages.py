@@ -6,6 +6,7 @@ Trainable sets (everything else is frozen: requires_grad False, eval mode):
 |------------|-----------------------------------------------------------------------------------------|
 | vae        | vae (encoder, temporal decoder): from-scratch sizes only                                 |
 | vae_decoder| vae `decoder.` only (the latents, and so every diffusion stage, are unchanged)            |
+| motion_init| motion_encoder (all of it), with a training-only linear read-out of blendshapes + pose |
 | image (1)  | denoising_unet spatial weights (all but `.motion_modules.` / `.temporal_modules.`) and the whole reference_unet |
 | motion (2) | motion_encoder, denoising_unet `.motion_modules.`, and the GAN head (appearance encoder, generator; discriminator with its own optimiser) |
 | temporal(3)| denoising_unet `.temporal_modules.`                                                     |
@@ -53,6 +54,8 @@ def stage_selects(stage: str, component: str, name: str) -> bool:
         return component == "vae"
     if stage == "vae_decoder":
         return component == "vae" and name.startswith("decoder.")
+    if stage == "motion_init":
+        return component == "motion_encoder"
     if stage == "image":
         return component == "reference_unet" or (component == "denoising_unet" and _denoiser_part(name) == "spatial")
     if stage == "motion":
@@ -123,7 +126,18 @@ def build_initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:
                                                                            prediction_type=spec.prediction_type))
     if spec.reference_from_denoiser:
         copy_denoiser_into_reference(models)
+    if spec.motion_encoder_from:
+        take_motion_encoder(models, spec.motion_encoder_from)
     return models, license_text
+
+
+def take_motion_encoder(models: XNeMoModels, path: str) -> None:
+    """Replace the stack's motion encoder by the one in bundle `path` (same motion encoder config)."""
+    donor = load_bundle(path, dtype=torch.float32)
+    if donor.config.motion_encoder != models.config.motion_encoder:
+        raise ConfigError(f"model.motion_encoder_from {path}: its motion encoder config differs from the "
+                          f"model's ({donor.config.motion_encoder} vs {models.config.motion_encoder})")
+    models.motion_encoder.load_state_dict(donor.motion_encoder.state_dict())
 
 
 def _initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:

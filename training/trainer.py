@@ -32,8 +32,9 @@ from .checkpoint import (
     unflatten_optimizer,
 )
 from .config import TrainConfig
-from .data import FaceSampleDataset, StepBatchSampler, load_videos
+from .data import BoxCache, FaceSampleDataset, StepBatchSampler, load_videos
 from .gan import GanHead, resize_to
+from .motion_labels import MotionProbe, attach_motion_labels
 from .stages import (
     build_initial_models,
     enable_gradient_checkpointing,
@@ -62,7 +63,8 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
 class TrainModule(nn.Module):
     """The networks of one stage and its loss: forward(batch, seed) -> {'loss': ..., parts...}."""
 
-    def __init__(self, models: XNeMoModels, cfg: TrainConfig, gan: GanHead | None, perceptual: dict[str, nn.Module]):
+    def __init__(self, models: XNeMoModels, cfg: TrainConfig, gan: GanHead | None, perceptual: dict[str, nn.Module],
+                 probe: MotionProbe | None = None):
         super().__init__()
         self.cfg = cfg
         self.stage = cfg.stage
@@ -74,12 +76,15 @@ class TrainModule(nn.Module):
         self.generator = gan.generator if gan is not None else None
         self.gan_resolution = gan.spec.resolution if gan is not None else 0
         self.perceptual = nn.ModuleDict(perceptual)
+        self.probe = probe
         self.register_buffer("alphas_cumprod", L.release_alphas_cumprod().float(), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int, discriminator: nn.Module | None = None):
         generator = torch.Generator().manual_seed(int(seed))
         if self.stage in VAE_STAGES:
             return self.vae_losses(batch, generator)
+        if self.stage == "motion_init":
+            return self.motion_label_losses(batch)
         return self.diffusion_losses(batch, generator, discriminator)
 
     # ------------------------------------------------------------------ VAE stage
@@ -97,6 +102,19 @@ class TrainModule(nn.Module):
             parts["vgg"] = L.perceptual_loss(self.perceptual["vgg"], recon.float(), x.float())
             loss = loss + lc.vae_perceptual * parts["vgg"]
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+    # ------------------------------------------------------------------ motion encoder start
+    def motion_label_losses(self, batch):
+        """Regress each driving frame's blendshapes + head pose from the encoder's descriptor."""
+        if "motion_labels" not in batch:
+            raise ValueError("stage motion_init needs per-frame motion labels (the dataset attaches them)")
+        images = _frames(batch["driving"])
+        descriptors, features = self.motion_encoder.describe(images, batch["f_rts"].reshape(-1, 3))
+        labels = batch["motion_labels"].reshape(len(images), -1)
+        parts = {"labels": self.probe.loss(descriptors, labels)}
+        if len(images) > 1:
+            parts["motion_spread"] = motion_spread(features)
+        return {"loss": parts["labels"], **{k: v.detach() for k, v in parts.items()}}
 
     # ------------------------------------------------------------------ stages 1-3
     def encode_target(self, target: torch.Tensor, generator) -> torch.Tensor:
@@ -130,7 +148,7 @@ class TrainModule(nn.Module):
             const = torch.tensor([[0.0, 0.0, 1.0]], device=f_rts.device, dtype=f_rts.dtype)
             f_rts = torch.cat([f_rts, const.expand(n_uncond, 3)])
         with torch.set_grad_enabled(grad and stage == "motion"):
-            descriptors = me.descriptor(images, f_rts)
+            descriptors, features = me.describe(images, f_rts)
             tokens = me.tokens(descriptors)
             motion = tokens[: b * f].reshape(b, f, *tokens.shape[1:])
             if n_uncond:
@@ -155,6 +173,8 @@ class TrainModule(nn.Module):
             target_out = noise
         per_sample = (prediction.float() - target_out.float()).pow(2).flatten(1).mean(1)
         parts = {"diffusion": per_sample.mean()}
+        if stage == "motion" and b * f > 1:
+            parts["motion_spread"] = motion_spread(features[: b * f])
         if lc.x0_weighting and self.prediction_type == "epsilon":
             weight = ((1 - alpha) / alpha).flatten().float().clamp(1.0, lc.max_x0_weight)
             loss = lc.diffusion * (weight * per_sample).mean()
@@ -191,6 +211,20 @@ class TrainModule(nn.Module):
             parts["gan_fm"] = L.feature_matching(fake_feats, real_feats)
             total = total + lc.adversarial * parts["gan_adv"] + lc.feature_matching * parts["gan_fm"]
         return total, parts, fake, real
+
+
+def motion_spread(features: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the batch std of the motion encoder's FAN features (0 = collapsed)."""
+    return features.detach().float().std(0).mean()
+
+
+def parameter_groups(trainable: dict[str, nn.Parameter], oc) -> list[dict]:
+    """Optimiser groups of the stage's own parameters: the motion encoder may get its own rate."""
+    if oc.motion_encoder_lr is None:
+        return [{"params": list(trainable.values()), "lr": oc.lr}]
+    encoder = [p for k, p in trainable.items() if k.startswith("motion_encoder.")]
+    rest = [p for k, p in trainable.items() if not k.startswith("motion_encoder.")]
+    return [g for g in ({"params": rest, "lr": oc.lr}, {"params": encoder, "lr": oc.motion_encoder_lr}) if g["params"]]
 
 
 def lr_factor(oc) -> Callable[[int], float]:
@@ -257,7 +291,7 @@ class Trainer:
             enable_gradient_checkpointing(self.models)
 
         self.gan = None
-        gan_params: dict[str, nn.Parameter] = {}
+        head_params: dict[str, nn.Parameter] = {}
         if cfg.stage == "motion" and cfg.loss.gan:
             torch.manual_seed(derive_seed(oc.seed, 1))
             self.gan = GanHead(cfg.gan, self.models.config.motion_encoder.descriptor_dim)
@@ -270,13 +304,18 @@ class Trainer:
 
                 self.gan.load_state_dict(load_file(cfg.model.gan_head))
             self.gan.train()
-            gan_params = {f"gan.{k}": p for k, p in self.gan.named_parameters() if not k.startswith("discriminator.")}
+            head_params = {f"gan.{k}": p for k, p in self.gan.named_parameters() if not k.startswith("discriminator.")}
         self.perceptual = self._perceptual_nets()
-        self.module = TrainModule(self.models, cfg, self.gan, self.perceptual)
+        self.probe = None
+        if cfg.stage == "motion_init":
+            torch.manual_seed(derive_seed(oc.seed, 3))
+            self.probe = MotionProbe(self.models.config.motion_encoder.descriptor_dim).train()
+            head_params = {f"probe.{k}": p for k, p in self.probe.named_parameters()}
+        self.module = TrainModule(self.models, cfg, self.gan, self.perceptual, self.probe)
 
-        groups = [{"params": list(self.trainable.values()), "lr": oc.lr}]
-        if gan_params:
-            groups.append({"params": list(gan_params.values()), "lr": oc.gan_lr})
+        groups = parameter_groups(self.trainable, oc)
+        if head_params:  # the stage's training-only head: GAN head (stage 2) or label read-out (motion_init)
+            groups.append({"params": list(head_params.values()), "lr": oc.gan_lr if self.gan is not None else oc.lr})
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(oc))
         self.disc = self.disc_optimizer = None
@@ -288,9 +327,10 @@ class Trainer:
         self.module, self.optimizer, self.lr_scheduler = prepared[:3]
         if self.disc is not None:
             self.disc, self.disc_optimizer = prepared[3:]
-        self.params = {**self.trainable, **gan_params}
+        self.params = {**self.trainable, **head_params}
         self.ema = EMA(self.params, oc.ema_decay) if oc.ema_decay > 0 else None
         self.step = 0
+        self.motion_collapse_warned = False
         self.timings: list[float] = []
         n_train = sum(p.numel() for p in self.params.values())
         self.log_fn(f"stage {cfg.stage}: {len(self.params)} trainable tensors, {n_train / 1e6:.2f}M parameters; "
@@ -317,7 +357,12 @@ class Trainer:
         if self._dataset is None:
             videos = self._videos if self._videos is not None else load_videos(self.cfg.data, self._detector,
                                                                                 log=self.log_fn)
+            if self.cfg.stage == "motion_init" and any(v.motion_labels is None for v in videos):
+                attach_motion_labels(videos, BoxCache(self.cfg.data.cache_dir), self.cfg.data.fps,
+                                     self.cfg.data.max_frames_per_video, log=self.log_fn)
             self._videos = videos
+            if self.probe is not None:
+                self.probe.fit_label_scale(np.concatenate([v.motion_labels[:v.train_end] for v in videos]))
             self._dataset = FaceSampleDataset(videos, self.cfg.data, self.cfg.augment,
                                               self.models.config.motion_encoder.image_size, self.cfg.optim.seed,
                                               self.cfg.loss.f_rts_mode)
@@ -355,6 +400,15 @@ class Trainer:
         if acc.sync_gradients and self.ema is not None:
             self.ema.update(self.params, micro_step)
         return logs
+
+    def _warn_if_motion_collapsed(self, logs: dict[str, float]) -> None:
+        """Say once when the motion encoder's features no longer depend on the driving frame."""
+        if logs.get("motion_spread", 1.0) > 1e-6 or self.motion_collapse_warned:
+            return
+        self.motion_collapse_warned = True
+        self.log_fn(f"WARNING step {self.step}: the motion encoder collapsed (its features are the same for "
+                    "every driving frame, so the model cannot follow motion). Lower optim.motion_encoder_lr "
+                    "or start the encoder from trained weights.")
 
     def _discriminator_step(self, real, fake, micro_step) -> dict[str, float]:
         lc = self.cfg.loss
@@ -410,6 +464,7 @@ class Trainer:
                       "lr": self.lr_scheduler.get_last_lr()[0], "sec": round(elapsed, 4)}
             if not all(math.isfinite(v) for v in sums.values()):
                 raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
+            self._warn_if_motion_collapsed(sums)
             if acc.is_main_process:
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -418,7 +473,7 @@ class Trainer:
                     self.log_fn(f"[{cfg.stage}] step {self.step}/{max_steps} {parts} ({elapsed:.2f}s)")
             if cfg.log.checkpoint_every and self.step % cfg.log.checkpoint_every == 0 and self.step < max_steps:
                 self.save()
-            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and acc.is_main_process:
+            if self.draws_samples and self.step % cfg.log.sample_every == 0 and acc.is_main_process:
                 self.write_samples()
         self.save()
         metrics = self.finish(time.perf_counter() - started)
@@ -438,6 +493,8 @@ class Trainer:
         modules = {name: m for name, m in self.models.modules().items() if name in owners}
         if self.gan is not None:
             modules["gan"] = self.gan
+        if self.probe is not None:
+            modules["probe"] = self.probe
         return modules
 
     def save(self) -> Path | None:
@@ -505,7 +562,7 @@ class Trainer:
 
             save_file({k: v.detach().cpu().contiguous() for k, v in self.gan.state_dict().items()},
                       str(self.output / "gan_head.safetensors"))
-        if self.cfg.log.sample_every:
+        if self.draws_samples:
             self.write_samples()
         (self.output / "metrics.json").write_text(json.dumps(metrics, indent=1))
         self.log_fn(f"stage {self.cfg.stage} done: {json.dumps(metrics)}")
@@ -606,6 +663,11 @@ class Trainer:
         tiles = [torch.cat([*r, *[torch.full_like(r[0], -1)] * (width - len(r))], dim=2) for r in rows]
         grid = torch.cat(tiles, dim=1).float().clamp(-1, 1)
         return ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+    @property
+    def draws_samples(self) -> bool:
+        """Sample grids show generated frames: every stage but motion_init (which generates none)."""
+        return bool(self.cfg.log.sample_every) and self.cfg.stage != "motion_init"
 
     def write_samples(self) -> Path:
         from PIL import Image

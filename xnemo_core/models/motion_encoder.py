@@ -288,9 +288,13 @@ class MotionEncoder(nn.Module):
 
     def descriptor(self, images: torch.Tensor, f_rts: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] crops + [N, 3] f_rts -> [N, descriptor_dim] (final_proj output)."""
+        return self.describe(images, f_rts)[0]
+
+    def describe(self, images: torch.Tensor, f_rts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(descriptor, FAN_SA features): training watches the features to catch a collapsed encoder."""
         feats = self.fan_features(images)
         box = self.bbox_proj(f_rts.to(device=feats.device, dtype=feats.dtype).reshape(feats.shape[0], -1))
-        return self.final_proj(torch.cat([feats, box], dim=1))
+        return self.final_proj(torch.cat([feats, box], dim=1)), feats
 
     def tokens(self, descriptor: torch.Tensor) -> torch.Tensor:
         """[..., descriptor_dim] -> [..., motion_tokens, motion_token_dim] with ``pe`` added."""
