@@ -671,6 +671,25 @@ def test_self_reenactment_evaluation_scores_model_and_baseline():
     assert picture.shape == (96, 96, 3) and picture.dtype == np.uint8
 
 
+def test_static_motion_check_tells_a_motion_blind_model_apart():
+    from training.evaluate import evaluate
+    from training.stages import zero_init_inserted_modules
+    from xnemo_core.config import SamplingConfig
+    from xnemo_core.models.stack import build_models
+
+    torch.manual_seed(0)
+    models = build_models(micro_config())
+    settings = SamplingConfig(steps=2, guidance_scale=1.0, context_frames=4, context_overlap=2, closed_loop=False)
+    video = synthetic_video(12, 0, holdout=8)
+    summary, (result,) = evaluate(models, [video], 32, settings, max_frames=4, decode_chunk=4, static_motion=True)
+    assert result.metrics["motion_effect"] > 1e-6  # random motion attention: the driving frames matter
+    assert 0 < summary["mean"]["static_motion_l1"] < 1 and "static_motion_ssim" in summary["mean"]
+    zero_init_inserted_modules(models.denoising_unet)  # motion (and temporal) attention add nothing
+    summary, (result,) = evaluate(models, [video], 32, settings, max_frames=4, decode_chunk=4, static_motion=True)
+    assert result.metrics["motion_effect"] == 0.0
+    assert summary["mean"]["static_motion_l1"] == summary["mean"]["model_l1"]
+
+
 def test_training_segments_mirror_the_held_out_ones_without_touching_them():
     from training.evaluate import held_out_segments, training_segments
 

@@ -2,7 +2,9 @@
 
 The model has to re-create each later frame from the first frame's appearance and the later
 frame's motion. It is compared with the trivial baseline "repeat the reference frame" on L1 and
-SSIM (Gaussian window 11, σ 1.5), both computed on the face crops in [0, 1].
+SSIM (Gaussian window 11, σ 1.5), both computed on the face crops in [0, 1]. With `static_motion`
+it is also sampled with the reference's own motion on every frame: if that scores the same, the
+model ignores motion (`motion_effect` = mean |difference| of the two outputs).
 
 `python -m training.evaluate --bundle xnemo_core/assets/demo_model.safetensors --config training/configs/demo_stage3.yaml`
 """
@@ -23,6 +25,9 @@ from .data import FaceVideo, make_sample
 from .losses import ssim
 
 
+STATIC_KEYS = ("static_motion_l1", "static_motion_ssim", "motion_effect")
+
+
 @dataclass
 class Reenactment:
     name: str
@@ -35,7 +40,8 @@ class Reenactment:
 
 @torch.no_grad()
 def self_reenact(models: XNeMoModels, video: FaceVideo, start: int, frames: list[int], resolution: int,
-                 settings: SamplingConfig, f_rts_mode: str = "paper", decode_chunk: int = 25) -> Reenactment:
+                 settings: SamplingConfig, f_rts_mode: str = "paper", decode_chunk: int = 25,
+                 static_motion: bool = False) -> Reenactment:
     """Animate frame `start` of `video` with the motion of `frames`; score against the real frames."""
     motion_size = models.config.motion_encoder.image_size
     sample = make_sample(video, start, frames, resolution, motion_size, None, f_rts_mode=f_rts_mode)
@@ -44,9 +50,14 @@ def self_reenact(models: XNeMoModels, video: FaceVideo, start: int, frames: list
     prepared = pipe.prepare_reference(sample["reference"][None].to(device, dtype),
                                       sample["reference_clip"][None].to(device, dtype),
                                       sample["motion_reference"][None].to(device, dtype))
-    tokens = models.motion_encoder(sample["driving"][None].to(device, dtype), sample["f_rts"][None].to(device, dtype))
-    video_out = pipe.sample(prepared, tokens[0], settings, decode_chunk=decode_chunk).video[0]
-    video_out = video_out.permute(1, 0, 2, 3).float()  # [F,3,H,W]
+
+    def animate(driven_by: dict) -> torch.Tensor:
+        tokens = models.motion_encoder(driven_by["driving"][None].to(device, dtype),
+                                       driven_by["f_rts"][None].to(device, dtype))
+        video = pipe.sample(prepared, tokens[0], settings, decode_chunk=decode_chunk).video[0]
+        return video.permute(1, 0, 2, 3).float()  # [F,3,H,W]
+
+    video_out = animate(sample)
     target = (sample["target"].permute(1, 0, 2, 3) + 1) / 2
     reference = (sample["reference"] + 1) / 2
     repeat = reference[None].expand_as(target)
@@ -57,6 +68,11 @@ def self_reenact(models: XNeMoModels, video: FaceVideo, start: int, frames: list
         "model_ssim": float(ssim(video_out, target)),
         "repeat_reference_ssim": float(ssim(repeat, target)),
     }
+    if static_motion:
+        still = animate(make_sample(video, start, [start] * len(frames), resolution, motion_size, None,
+                                    f_rts_mode=f_rts_mode))
+        metrics.update(static_motion_l1=float((still - target).abs().mean()), static_motion_ssim=float(ssim(still, target)),
+                       motion_effect=float((video_out - still).abs().mean()))
     return Reenactment(video.source.name, reference, target, video_out,
                        (sample["driving"].permute(1, 0, 2, 3) + 1) / 2, metrics)
 
@@ -98,6 +114,7 @@ def summarise(results: list[Reenactment]) -> dict:
     """Frame-weighted means over all evaluated segments, plus each segment's numbers."""
     total = sum(r.metrics["frames"] for r in results)
     keys = ["model_l1", "repeat_reference_l1", "model_ssim", "repeat_reference_ssim"]
+    keys += [k for k in STATIC_KEYS if all(k in r.metrics for r in results)]
     mean = {k: round(sum(r.metrics[k] * r.metrics["frames"] for r in results) / total, 5) for k in keys}
     return {"mean": {"frames": total, **mean},
             "segments": {r.name: {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.metrics.items()}
@@ -106,7 +123,7 @@ def summarise(results: list[Reenactment]) -> dict:
 
 def evaluate(models: XNeMoModels, videos: list[FaceVideo], resolution: int, settings: SamplingConfig,
              max_frames: int = 48, stride: int = 1, decode_chunk: int = 25,
-             split: str = "held_out") -> tuple[dict, list[Reenactment]]:
+             split: str = "held_out", static_motion: bool = False) -> tuple[dict, list[Reenactment]]:
     """Self-reenactment on the held-out tails (split 'held_out') or on the trained-on segments just
     before them (split 'training', for choosing settings)."""
     if split not in ("held_out", "training"):
@@ -115,7 +132,8 @@ def evaluate(models: XNeMoModels, videos: list[FaceVideo], resolution: int, sett
     results = []
     for video, first, end in segments:
         frames = list(range(first + 1, end, stride))[:max_frames]
-        results.append(self_reenact(models, video, first, frames, resolution, settings, decode_chunk=decode_chunk))
+        results.append(self_reenact(models, video, first, frames, resolution, settings, decode_chunk=decode_chunk,
+                                    static_motion=static_motion))
     if not results:
         raise ValueError(f"no {split} video segment to evaluate (set data.holdout_fraction)")
     return summarise(results), results
@@ -141,6 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--denoise", type=float, default=1.0, help="< 1 starts part-way down the schedule")
     parser.add_argument("--split", default="held_out", choices=["held_out", "training"],
                         help="held-out tails, or trained-on segments of the same shape (for choosing settings)")
+    parser.add_argument("--static-motion", action="store_true",
+                        help="also sample with the reference's own motion (does the model follow motion?)")
     parser.add_argument("--picture", default=None, help="write the side-by-side PNG here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
@@ -149,7 +169,7 @@ def main(argv=None) -> int:
                               context_overlap=min(4, args.context // 2), closed_loop=False, init=args.init,
                               denoise=args.denoise, seed=0)
     summary, results = evaluate(models, load_videos(cfg.data), cfg.data.resolution, settings, args.max_frames,
-                                decode_chunk=args.decode_chunk, split=args.split)
+                                decode_chunk=args.decode_chunk, split=args.split, static_motion=args.static_motion)
     if args.picture:
         Image.fromarray(side_by_side(results)).save(args.picture)
     print(json.dumps(summary, indent=1))
