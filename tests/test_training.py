@@ -690,6 +690,39 @@ def test_static_motion_check_tells_a_motion_blind_model_apart():
     assert summary["mean"]["static_motion_l1"] == summary["mean"]["model_l1"]
 
 
+def test_x0_from_prediction_inverts_both_targets():
+    from training.diagnose import x0_from_prediction
+
+    torch.manual_seed(0)
+    x0, noise, a = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor(0.3)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    assert torch.allclose(x0_from_prediction(noise, noisy, a, "epsilon"), x0, atol=1e-5)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert torch.allclose(x0_from_prediction(v, noisy, a, "v_prediction"), x0, atol=1e-5)
+
+
+def test_pathway_check_sees_ignored_motion_and_scores_the_reference_latent():
+    from training.diagnose import CONDITIONS, pair_list, pathway_errors
+    from training.stages import zero_init_inserted_modules
+    from xnemo_core.models.stack import build_models
+
+    torch.manual_seed(0)
+    models = build_models(micro_config()).eval()
+    video = synthetic_video(12, 0, holdout=8)
+    pairs = pair_list([video], "held_out", gaps=(2, 5))
+    assert [(r, d) for _, r, d in pairs] == [(4, 6), (4, 9)]
+    errors = pathway_errors(models, pairs, timesteps=(100, 900), resolution=32)
+    assert set(errors) == {100, 900} and all(set(row) == set(CONDITIONS) for row in errors.values())
+    assert all(np.isfinite(v) and v > 0 for row in errors.values() for v in row.values())
+    assert errors[100]["own_motion"] != errors[100]["full"]  # random motion attention reacts to motion
+    assert errors[100]["reference_latent"] == errors[900]["reference_latent"]  # no noise involved
+    zero_init_inserted_modules(models.denoising_unet)
+    blind = pathway_errors(models, pairs, timesteps=(100, 900), resolution=32)
+    assert all(row["own_motion"] == row["full"] for row in blind.values())
+    with pytest.raises(ValueError, match="no \\(reference, driving\\) pairs"):
+        pathway_errors(models, [], timesteps=(100,))
+
+
 def test_training_segments_mirror_the_held_out_ones_without_touching_them():
     from training.evaluate import held_out_segments, training_segments
 

@@ -1,0 +1,107 @@
+"""Pathway check: does the denoiser use the reference, and the motion? Its x0 error per noise level.
+
+For (reference frame, driving frame) pairs, the driving frame's latent is noised at timestep t and
+the denoiser predicts x0 under three conditions (same noise):
+
+* `full`: the reference bank and the driving frame's motion (what sampling uses);
+* `no_reference`: the CFG-negative row (no reference bank, zero CLIP embedding);
+* `own_motion`: the reference bank with the reference's own motion in place of the driving motion.
+
+`reference_latent` scores the reference latent itself as the x0 guess. A pathway the model uses
+lowers the error: `no_reference` above `full` means the reference helps, and `own_motion` equal to
+`full` means the motion is ignored (how the collapsed demo encoder showed). `full` above
+`reference_latent` at high t means the model cannot yet copy the reference's appearance.
+
+`python -m training.diagnose --bundle xnemo_core/assets/demo_model.safetensors --config training/configs/demo_stage1.yaml`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from xnemo_core.models.stack import XNeMoModels
+
+from .data import FaceVideo, make_sample
+from .evaluate import held_out_segments, training_segments
+from .losses import release_alphas_cumprod
+
+CONDITIONS = ("full", "no_reference", "own_motion", "reference_latent")
+
+
+def x0_from_prediction(prediction: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor,
+                       prediction_type: str) -> torch.Tensor:
+    """The x0 a denoiser output implies (ε: (x_t − √(1−ᾱ)ε)/√ᾱ; v: √ᾱ·x_t − √(1−ᾱ)·v)."""
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+    return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+
+
+def pair_list(videos: list[FaceVideo], split: str, gaps=(3, 10, 30)) -> list[tuple[FaceVideo, int, int]]:
+    """(video, reference, driving) pairs: each segment's first frame and the frames `gaps` later."""
+    segments = held_out_segments(videos) if split == "held_out" else training_segments(videos)
+    return [(video, first, first + gap) for video, first, end in segments for gap in gaps if first + gap < end]
+
+
+@torch.no_grad()
+def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolution: int = 64,
+                   seed: int = 0) -> dict[int, dict[str, float]]:
+    """Mean latent x0-MSE per timestep and condition over `pairs` (see the module docstring)."""
+    if not pairs:
+        raise ValueError("no (reference, driving) pairs to diagnose: the videos are too short for the gaps")
+    device, dtype = models.device, models.dtype
+    alphas = release_alphas_cumprod().to(device, torch.float32)
+    scale = models.config.vae.scaling_factor
+    motion_size = models.config.motion_encoder.image_size
+    prediction_type = models.config.unet.prediction_type
+    generator = torch.Generator().manual_seed(seed)
+    sums = {t: dict.fromkeys(CONDITIONS, 0.0) for t in timesteps}
+    unet = models.denoising_unet
+    for video, ref, drv in pairs:
+        sample = make_sample(video, ref, [drv], resolution, motion_size)
+        own = make_sample(video, ref, [ref], resolution, motion_size)
+        to = lambda x: x[None].to(device, dtype)  # noqa: E731
+        x0 = models.vae.encode(to(sample["target"][:, 0])).latent_dist.mean * scale
+        ref_latent = models.vae.encode(to(sample["reference"])).latent_dist.mean * scale
+        clip = models.image_encoder(pixel_values=to(sample["reference_clip"])).image_embeds[:, None]
+        motion = {"full": models.motion_encoder(to(sample["driving"]), to(sample["f_rts"])),
+                  "own_motion": models.motion_encoder(to(own["driving"]), to(own["f_rts"]))}
+        bank = unet.project_reference(models.reference_unet(ref_latent, clip, timestep=0))
+        for t in timesteps:
+            a = alphas[t]
+            noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+            noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise)[:, :, None]  # [1,4,1,h,w]
+            runs = {"full": (motion["full"], clip, [0]), "no_reference": (motion["full"], clip * 0, [-1]),
+                    "own_motion": (motion["own_motion"], clip, [0])}
+            for name, (tokens, embeds, rows) in runs.items():
+                out = unet(noisy, torch.tensor([t], device=device), embeds, tokens, bank, torch.tensor(rows))
+                guess = x0_from_prediction(out[:, :, 0].float(), noisy[:, :, 0].float(), a, prediction_type)
+                sums[t][name] += float((guess - x0.float()).pow(2).mean())
+            sums[t]["reference_latent"] += float((ref_latent - x0).float().pow(2).mean())
+    return {t: {k: v / len(pairs) for k, v in row.items()} for t, row in sums.items()}
+
+
+def main(argv=None) -> int:
+    from xnemo_core.checkpoints import load_bundle
+
+    from .config import load_config
+    from .data import load_videos
+
+    parser = argparse.ArgumentParser(prog="python -m training.diagnose", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--config", required=True, help="a stage YAML naming the data and its held-out split")
+    parser.add_argument("--split", default="held_out", choices=["held_out", "training"])
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800])
+    parser.add_argument("--gaps", type=int, nargs="+", default=[3, 10, 30], help="driving frame = reference + gap")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    models = load_bundle(args.bundle, dtype=torch.float32).eval()
+    pairs = pair_list([v for v in load_videos(cfg.data) if not v.still], args.split, tuple(args.gaps))
+    errors = pathway_errors(models, pairs, tuple(args.timesteps), cfg.data.resolution)
+    print(json.dumps({t: {k: round(v, 5) for k, v in row.items()} for t, row in errors.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
