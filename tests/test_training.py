@@ -804,7 +804,8 @@ def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
     import dataclasses
 
     from training.config import load_config
-    from training.demo import CONFIGS, STAGES, VAE_FROM, start_from, take_vae
+    from training.demo import CONFIGS, STAGES, VAE_FROM, start_from
+    from training.stages import take_component
     from xnemo_core.models.stack import build_models
 
     starts = {s: load_config(CONFIGS / f"demo_{s}.yaml").model.path for s in STAGES}
@@ -820,9 +821,9 @@ def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
     torch.manual_seed(1)
     donor = build_models(micro_models.config)
     target = build_models(micro_models.config)
-    take_vae(target, donor)
+    take_component(target, donor, "vae", "the vae_decoder run")
     assert all(torch.equal(v, donor.vae.state_dict()[k]) for k, v in target.vae.state_dict().items())
     other = dataclasses.replace(micro_models.config, vae=dataclasses.replace(micro_models.config.vae,
                                                                              scaling_factor=0.5))
     with pytest.raises(ValueError, match="VAE config differs"):
-        take_vae(build_models(other), donor)
+        take_component(build_models(other), donor, "vae", "the vae_decoder run")

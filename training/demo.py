@@ -22,6 +22,7 @@ from xnemo_core.checkpoints import load_bundle, save_bundle
 from xnemo_core.config import SamplingConfig
 
 from .config import load_config
+from .stages import take_component
 from .trainer import Trainer
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -68,14 +69,6 @@ def start_from(named: str, output: Path) -> Path:
     return output / named.parent.name / named.name
 
 
-def take_vae(models, donor) -> None:
-    """Put `donor`'s VAE into `models`; both must share the VAE config (one latent space)."""
-    if donor.config.vae != models.config.vae:
-        raise ValueError(f"the {VAE_FROM} run's VAE config differs from the last stage's: "
-                         f"{donor.config.vae} vs {models.config.vae}")
-    models.vae.load_state_dict(donor.vae.state_dict())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/demo", help="run folder for the four stages")
@@ -98,7 +91,8 @@ def main(argv=None) -> int:
 
     bundle_path = assets / "demo_model.safetensors"
     models = load_bundle(output / STAGES[-1] / "final.safetensors", dtype=torch.float32)
-    take_vae(models, load_bundle(output / VAE_FROM / "final.safetensors", dtype=torch.float32))
+    take_component(models, load_bundle(output / VAE_FROM / "final.safetensors", dtype=torch.float32), "vae",
+                   f"the {VAE_FROM} run")
     last_cfg = load_config(CONFIGS / f"demo_{STAGES[-1]}.yaml")
     resolution = last_cfg.data.resolution
     command = "python -m training.demo"

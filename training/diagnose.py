@@ -58,10 +58,13 @@ def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolu
     generator = torch.Generator().manual_seed(seed)
     sums = {t: dict.fromkeys(CONDITIONS, 0.0) for t in timesteps}
     unet = models.denoising_unet
+
+    def to(x: torch.Tensor) -> torch.Tensor:  # one sample -> a batch of one on the model's device
+        return x[None].to(device, dtype)
+
     for video, ref, drv in pairs:
         sample = make_sample(video, ref, [drv], resolution, motion_size)
         own = make_sample(video, ref, [ref], resolution, motion_size)
-        to = lambda x: x[None].to(device, dtype)  # noqa: E731
         x0 = models.vae.encode(to(sample["target"][:, 0])).latent_dist.mean * scale
         ref_latent = models.vae.encode(to(sample["reference"])).latent_dist.mean * scale
         clip = models.image_encoder(pixel_values=to(sample["reference_clip"])).image_embeds[:, None]

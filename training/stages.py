@@ -127,17 +127,22 @@ def build_initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:
     if spec.reference_from_denoiser:
         copy_denoiser_into_reference(models)
     if spec.motion_encoder_from:
-        take_motion_encoder(models, spec.motion_encoder_from)
+        take_component(models, load_bundle(spec.motion_encoder_from, dtype=torch.float32), "motion_encoder",
+                       f"model.motion_encoder_from {spec.motion_encoder_from}")
     return models, license_text
 
 
-def take_motion_encoder(models: XNeMoModels, path: str) -> None:
-    """Replace the stack's motion encoder by the one in bundle `path` (same motion encoder config)."""
-    donor = load_bundle(path, dtype=torch.float32)
-    if donor.config.motion_encoder != models.config.motion_encoder:
-        raise ConfigError(f"model.motion_encoder_from {path}: its motion encoder config differs from the "
-                          f"model's ({donor.config.motion_encoder} vs {models.config.motion_encoder})")
-    models.motion_encoder.load_state_dict(donor.motion_encoder.state_dict())
+COMPONENT_NAMES = {"vae": "VAE", "motion_encoder": "motion encoder"}
+
+
+def take_component(models: XNeMoModels, donor: XNeMoModels, component: str, source: str) -> None:
+    """Put `donor`'s `component` into `models` (a start mixing runs); both must share its config, so
+    the latent space (VAE) or the token layout (motion encoder) stays the one the rest was trained on."""
+    ours, theirs = getattr(models.config, component), getattr(donor.config, component)
+    if theirs != ours:
+        raise ConfigError(f"{source}: its {COMPONENT_NAMES.get(component, component)} config differs from "
+                          f"the model's ({theirs} vs {ours})")
+    getattr(models, component).load_state_dict(getattr(donor, component).state_dict())
 
 
 def _initial_models(spec: ModelSpec, seed: int) -> tuple[XNeMoModels, str]:

@@ -357,12 +357,12 @@ class Trainer:
         if self._dataset is None:
             videos = self._videos if self._videos is not None else load_videos(self.cfg.data, self._detector,
                                                                                 log=self.log_fn)
-            if self.cfg.stage == "motion_init" and any(v.motion_labels is None for v in videos):
-                attach_motion_labels(videos, BoxCache(self.cfg.data.cache_dir), self.cfg.data.fps,
-                                     self.cfg.data.max_frames_per_video, log=self.log_fn)
-            self._videos = videos
-            if self.probe is not None:
+            if self.probe is not None:  # motion_init: per-frame labels, standardised on the training frames
+                if any(v.motion_labels is None for v in videos):
+                    attach_motion_labels(videos, BoxCache(self.cfg.data.cache_dir), self.cfg.data.fps,
+                                         self.cfg.data.max_frames_per_video, log=self.log_fn)
                 self.probe.fit_label_scale(np.concatenate([v.motion_labels[:v.train_end] for v in videos]))
+            self._videos = videos
             self._dataset = FaceSampleDataset(videos, self.cfg.data, self.cfg.augment,
                                               self.models.config.motion_encoder.image_size, self.cfg.optim.seed,
                                               self.cfg.loss.f_rts_mode)
