@@ -283,6 +283,7 @@ EXPECTED = {
     "image": lambda c, n: c == "reference_unet" or (c == "denoising_unet" and "_modules." not in n),
     "motion": lambda c, n: c == "motion_encoder" or (c == "denoising_unet" and ".motion_modules." in n),
     "temporal": lambda c, n: c == "denoising_unet" and ".temporal_modules." in n,
+    "joint": lambda c, n: c in ("reference_unet", "motion_encoder") or (c == "denoising_unet" and ".temporal_modules." not in n),
 }
 
 
@@ -297,7 +298,7 @@ def never_reached(name: str) -> bool:
         (tail + "norm.", tail + "proj_in.", tail + "transformer_blocks.0.norm1."))
 
 
-@pytest.mark.parametrize("stage", ["vae", "vae_decoder", "motion_init", "image", "motion", "temporal"])
+@pytest.mark.parametrize("stage", ["vae", "vae_decoder", "motion_init", "image", "motion", "joint", "temporal"])
 def test_stage_trains_exactly_its_parameters_and_loss_falls(stage, tmp_path):
     trainer = make_trainer(stage, tmp_path)
     models = trainer.models
@@ -334,8 +335,11 @@ def test_stage_rules_cover_named_families():
     assert stage_selects("motion", "denoising_unet", "up_blocks.1.motion_modules.2.temporal_transformer.proj_out.bias")
     assert not stage_selects("motion", "denoising_unet", "up_blocks.1.temporal_modules.2.temporal_transformer.proj_out.bias")
     assert stage_selects("temporal", "denoising_unet", "mid_block.temporal_modules.0.temporal_transformer.norm.weight")
+    assert stage_selects("joint", "denoising_unet", "up_blocks.1.motion_modules.2.temporal_transformer.proj_out.bias")
+    assert stage_selects("joint", "denoising_unet", "down_blocks.0.attentions.0.proj_in.weight")
+    assert not stage_selects("joint", "denoising_unet", "mid_block.temporal_modules.0.temporal_transformer.norm.weight")
     assert not any(stage_selects(s, "image_encoder", "vision_model.embeddings.patch_embedding.weight")
-                   for s in ("vae", "image", "motion", "temporal"))
+                   for s in ("vae", "image", "motion", "joint", "temporal"))
 
 
 def test_reference_masking_drops_the_configured_fraction(tmp_path, monkeypatch):
@@ -721,6 +725,21 @@ def test_pathway_check_sees_ignored_motion_and_scores_the_reference_latent():
     assert all(row["own_motion"] == row["full"] for row in blind.values())
     with pytest.raises(ValueError, match="no \\(reference, driving\\) pairs"):
         pathway_errors(models, [], timesteps=(100,))
+    twice = pathway_errors(models, pairs, timesteps=(100,), resolution=32, draws=2)
+    assert twice[100]["reference_latent"] == pytest.approx(errors[100]["reference_latent"])  # a mean, not a sum
+    assert twice[100]["full"] != errors[100]["full"]  # a second noise draw enters the mean
+
+
+def test_random_pairs_stay_in_their_split_and_keep_their_gap():
+    from training.diagnose import random_pairs
+
+    video = synthetic_video(40, 0, holdout=10)  # trained on frames 0-29, held out 30-39
+    pairs = random_pairs([video], "training", 12, min_gap=8)
+    assert len(pairs) == 12 and len({(r, d) for _, r, d in pairs}) > 3
+    assert all(r < 30 and d < 30 and abs(r - d) >= 8 for _, r, d in pairs)
+    held = random_pairs([video], "held_out", 5, min_gap=4)
+    assert all(30 <= r < 40 and 30 <= d < 40 and abs(r - d) >= 4 for _, r, d in held)
+    assert random_pairs([video], "held_out", 5, min_gap=10) == []  # a 10-frame tail has no pair 10 apart
 
 
 def test_training_segments_mirror_the_held_out_ones_without_touching_them():
@@ -814,6 +833,9 @@ def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
     assert start_from(starts["stage1"], Path("out")) == Path("out/vae/final.safetensors")  # same latents
     assert start_from(starts["stage2"], Path("out")) == Path("out/stage1/final.safetensors")
     assert STAGES.index("motion_init") < STAGES.index("stage2")
+    assert start_from(starts["joint"], Path("out")) == Path("out/stage2/final.safetensors")
+    assert start_from(starts["stage3"], Path("out")) == Path("out/joint/final.safetensors")
+    assert STAGES.index("stage2") < STAGES.index("joint") < STAGES.index("stage3") == len(STAGES) - 1
     encoder_from = load_config(CONFIGS / "demo_stage2.yaml").model.motion_encoder_from
     assert start_from(encoder_from, Path("out")) == Path("out/motion_init/final.safetensors")
     assert VAE_FROM == "vae_decoder" and STAGES.index(VAE_FROM) < STAGES.index("stage3")

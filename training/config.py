@@ -22,6 +22,7 @@ STAGES = {
     "image": "stage 1: spatial denoising UNet + reference UNet on image pairs",
     "motion_init": "the motion encoder alone, regressing MediaPipe blendshapes + head pose (from-scratch sizes)",
     "motion": "stage 2: motion encoder + motion attention modules + GAN head, end to end",
+    "joint": "stage 2b (small models): stage 1's and stage 2's diffusion parameters trained together on image pairs",
     "temporal": "stage 3: temporal attention modules on clips",
 }
 STAGE_ALIASES = {"0": "vae", "1": "image", "2": "motion", "3": "temporal", "stage1": "image", "stage2": "motion",
@@ -207,7 +208,7 @@ class TrainConfig:
         self.stage = stage
         if stage == "temporal" and self.data.clip_frames < 2:
             raise ConfigError("the temporal stage needs data.clip_frames >= 2")
-        if stage in ("image", "motion", "motion_init") and self.data.clip_frames != 1:
+        if stage in ("image", "motion", "joint", "motion_init") and self.data.clip_frames != 1:
             raise ConfigError(f"stage {stage!r} trains on image pairs: set data.clip_frames to 1")
         if not 0.0 <= self.loss.reference_mask_ratio < 1.0:
             raise ConfigError("loss.reference_mask_ratio must be in [0, 1)")

@@ -12,12 +12,16 @@ lowers the error: `no_reference` above `full` means the reference helps, and `ow
 `full` means the motion is ignored (how the collapsed demo encoder showed). `full` above
 `reference_latent` at high t means the model cannot yet copy the reference's appearance.
 
+Pairs: each segment's first frame with the frames 3, 10 and 30 later (`--gaps`), or `--random-pairs N`
+drawn anywhere in the split at least `--min-gap` frames apart (larger head motion, a sharper test).
+
 `python -m training.diagnose --bundle xnemo_core/assets/demo_model.safetensors --config training/configs/demo_stage1.yaml`
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import torch
 
@@ -44,9 +48,32 @@ def pair_list(videos: list[FaceVideo], split: str, gaps=(3, 10, 30)) -> list[tup
     return [(video, first, first + gap) for video, first, end in segments for gap in gaps if first + gap < end]
 
 
+def split_range(video: FaceVideo, split: str) -> range:
+    """The frames of `video` in the trained-on part ('training') or its held-out tail ('held_out')."""
+    return range(0, video.train_end) if split == "training" else range(video.train_end, len(video))
+
+
+def random_pairs(videos: list[FaceVideo], split: str, count: int, min_gap: int = 20,
+                 seed: int = 0) -> list[tuple[FaceVideo, int, int]]:
+    """`count` (video, reference, driving) pairs drawn anywhere in the split, at least `min_gap` frames
+    apart (videos in turn). Short fixed gaps barely move the head, so they hardly test the motion path."""
+    rng = random.Random(seed)
+    usable = [v for v in videos if len(split_range(v, split)) > min_gap]
+    pairs = []
+    for i in range(count if usable else 0):
+        video = usable[i % len(usable)]
+        frames = split_range(video, split)
+        while True:
+            ref, drv = rng.choice(frames), rng.choice(frames)
+            if abs(ref - drv) >= min_gap:
+                break
+        pairs.append((video, ref, drv))
+    return pairs
+
+
 @torch.no_grad()
 def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolution: int = 64,
-                   seed: int = 0) -> dict[int, dict[str, float]]:
+                   seed: int = 0, draws: int = 1) -> dict[int, dict[str, float]]:
     """Mean latent x0-MSE per timestep and condition over `pairs` (see the module docstring)."""
     if not pairs:
         raise ValueError("no (reference, driving) pairs to diagnose: the videos are too short for the gaps")
@@ -71,7 +98,7 @@ def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolu
         motion = {"full": models.motion_encoder(to(sample["driving"]), to(sample["f_rts"])),
                   "own_motion": models.motion_encoder(to(own["driving"]), to(own["f_rts"]))}
         bank = unet.project_reference(models.reference_unet(ref_latent, clip, timestep=0))
-        for t in timesteps:
+        for t in [t for t in timesteps for _ in range(draws)]:  # `draws` noise samples per timestep
             a = alphas[t]
             noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
             noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise)[:, :, None]  # [1,4,1,h,w]
@@ -82,7 +109,7 @@ def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolu
                 guess = x0_from_prediction(out[:, :, 0].float(), noisy[:, :, 0].float(), a, prediction_type)
                 sums[t][name] += float((guess - x0.float()).pow(2).mean())
             sums[t]["reference_latent"] += float((ref_latent - x0).float().pow(2).mean())
-    return {t: {k: v / len(pairs) for k, v in row.items()} for t, row in sums.items()}
+    return {t: {k: v / (len(pairs) * draws) for k, v in row.items()} for t, row in sums.items()}
 
 
 def main(argv=None) -> int:
@@ -97,11 +124,19 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="held_out", choices=["held_out", "training"])
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800])
     parser.add_argument("--gaps", type=int, nargs="+", default=[3, 10, 30], help="driving frame = reference + gap")
+    parser.add_argument("--random-pairs", type=int, default=0, metavar="N",
+                        help="instead: N pairs drawn anywhere in the split, at least --min-gap frames apart")
+    parser.add_argument("--min-gap", type=int, default=20)
+    parser.add_argument("--draws", type=int, default=1, help="noise draws per pair and timestep")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     models = load_bundle(args.bundle, dtype=torch.float32).eval()
-    pairs = pair_list([v for v in load_videos(cfg.data) if not v.still], args.split, tuple(args.gaps))
-    errors = pathway_errors(models, pairs, tuple(args.timesteps), cfg.data.resolution)
+    videos = [v for v in load_videos(cfg.data) if not v.still]
+    if args.random_pairs:
+        pairs = random_pairs(videos, args.split, args.random_pairs, args.min_gap)
+    else:
+        pairs = pair_list(videos, args.split, tuple(args.gaps))
+    errors = pathway_errors(models, pairs, tuple(args.timesteps), cfg.data.resolution, draws=args.draws)
     print(json.dumps({t: {k: round(v, 5) for k, v in row.items()} for t, row in errors.items()}, indent=1))
     return 0
 

@@ -9,6 +9,7 @@ Trainable sets (everything else is frozen: requires_grad False, eval mode):
 | motion_init| motion_encoder (all of it), with a training-only linear read-out of blendshapes + pose |
 | image (1)  | denoising_unet spatial weights (all but `.motion_modules.` / `.temporal_modules.`) and the whole reference_unet |
 | motion (2) | motion_encoder, denoising_unet `.motion_modules.`, and the GAN head (appearance encoder, generator; discriminator with its own optimiser) |
+| joint (2b)| image's and motion's diffusion parameters together: denoising_unet spatial + `.motion_modules.`, reference_unet, motion_encoder (no GAN head) |
 | temporal(3)| denoising_unet `.temporal_modules.`                                                     |
 
 The CLIP image encoder is never trained.
@@ -62,6 +63,8 @@ def stage_selects(stage: str, component: str, name: str) -> bool:
         return component == "motion_encoder" or (component == "denoising_unet" and _denoiser_part(name) == "motion")
     if stage == "temporal":
         return component == "denoising_unet" and _denoiser_part(name) == "temporal"
+    if stage == "joint":
+        return stage_selects("image", component, name) or stage_selects("motion", component, name)
     raise ConfigError(f"unknown stage {stage!r}")
 
 
