@@ -1,9 +1,9 @@
 """Reproduce the bundled demo model: `python -m training.demo`.
 
-Runs training/configs/demo_{vae,vae_decoder,stage1,motion_init,stage2,joint,stage3}.yaml in order on CPU. Each
+Runs training/configs/demo_{vae,vae_decoder,stage1,motion_init,stage2,stage3}.yaml in order on CPU. Each
 stage starts from the run its config names (vae_decoder and stage1 both from vae: the decoder fine-tune
 keeps the encoder, so the latents the diffusion stages learn are unchanged; stage 2 takes its motion
-encoder from motion_init; joint then trains stage 1's and stage 2's diffusion parameters together). The bundle is stage 3's stack with
+encoder from motion_init). The bundle is stage 3's stack with
 the fine-tuned VAE, stored fp16 in xnemo_core/assets/demo_model.safetensors; then self-reenactment on
 the held-out tails of the videos is evaluated, and the side-by-side picture and model card are written
 next to the bundle. A killed run continues where it stopped with the same command plus `--resume`.
@@ -26,7 +26,7 @@ from .stages import take_component
 from .trainer import Trainer
 
 CONFIGS = Path(__file__).parent / "configs"
-STAGES = ["vae", "vae_decoder", "stage1", "motion_init", "stage2", "joint", "stage3"]
+STAGES = ["vae", "vae_decoder", "stage1", "motion_init", "stage2", "stage3"]
 VAE_FROM = "vae_decoder"  # the bundle's VAE comes from here, everything else from the last stage
 ASSETS = Path(__file__).resolve().parents[1] / "xnemo_core" / "assets"
 LICENSE = "Apache-2.0 (comfyui-xnemo demo weights, trained from scratch on CPU; no third-party weights)"
