@@ -77,6 +77,9 @@ class TrainModule(nn.Module):
         self.gan_resolution = gan.spec.resolution if gan is not None else 0
         self.perceptual = nn.ModuleDict(perceptual)
         self.probe = probe
+        # which conditioning paths get gradients follows from what the stage trains (select_trainable ran first)
+        self.trains_motion_encoder = any(p.requires_grad for p in models.motion_encoder.parameters())
+        self.trains_reference_unet = any(p.requires_grad for p in models.reference_unet.parameters())
         self.register_buffer("alphas_cumprod", L.release_alphas_cumprod().float(), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int, discriminator: nn.Module | None = None):
@@ -147,7 +150,7 @@ class TrainModule(nn.Module):
             images = torch.cat([images, batch["motion_reference"][uncond.to(images.device)]])
             const = torch.tensor([[0.0, 0.0, 1.0]], device=f_rts.device, dtype=f_rts.dtype)
             f_rts = torch.cat([f_rts, const.expand(n_uncond, 3)])
-        with torch.set_grad_enabled(grad and stage in ("motion", "joint")):
+        with torch.set_grad_enabled(grad and self.trains_motion_encoder):
             descriptors, features = me.describe(images, f_rts)
             tokens = me.tokens(descriptors)
             motion = tokens[: b * f].reshape(b, f, *tokens.shape[1:])
@@ -155,7 +158,7 @@ class TrainModule(nn.Module):
                 motion = motion.clone()
                 motion[uncond.to(motion.device)] = tokens[b * f:][:, None].expand(-1, f, -1, -1)
 
-        with torch.set_grad_enabled(grad and stage in ("image", "joint")):
+        with torch.set_grad_enabled(grad and self.trains_reference_unet):
             bank = self.reference_unet(ref_latents, clip, timestep=0)
             kv = self.denoising_unet.project_reference(bank)
         kv = mask_reference_kv(kv, lc.reference_mask_ratio, generator)
@@ -173,7 +176,7 @@ class TrainModule(nn.Module):
             target_out = noise
         per_sample = (prediction.float() - target_out.float()).pow(2).flatten(1).mean(1)
         parts = {"diffusion": per_sample.mean()}
-        if stage in ("motion", "joint") and b * f > 1:
+        if self.trains_motion_encoder and b * f > 1:
             parts["motion_spread"] = motion_spread(features[: b * f])
         if lc.x0_weighting and self.prediction_type == "epsilon":
             weight = ((1 - alpha) / alpha).flatten().float().clamp(1.0, lc.max_x0_weight)
