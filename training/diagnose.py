@@ -98,12 +98,12 @@ def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolu
         motion = {"full": models.motion_encoder(to(sample["driving"]), to(sample["f_rts"])),
                   "own_motion": models.motion_encoder(to(own["driving"]), to(own["f_rts"]))}
         bank = unet.project_reference(models.reference_unet(ref_latent, clip, timestep=0))
+        runs = {"full": (motion["full"], clip, [0]), "no_reference": (motion["full"], clip * 0, [-1]),
+                "own_motion": (motion["own_motion"], clip, [0])}
         for t in [t for t in timesteps for _ in range(draws)]:  # `draws` noise samples per timestep
             a = alphas[t]
             noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
             noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise)[:, :, None]  # [1,4,1,h,w]
-            runs = {"full": (motion["full"], clip, [0]), "no_reference": (motion["full"], clip * 0, [-1]),
-                    "own_motion": (motion["own_motion"], clip, [0])}
             for name, (tokens, embeds, rows) in runs.items():
                 out = unet(noisy, torch.tensor([t], device=device), embeds, tokens, bank, torch.tensor(rows))
                 guess = x0_from_prediction(out[:, :, 0].float(), noisy[:, :, 0].float(), a, prediction_type)
