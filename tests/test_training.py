@@ -22,6 +22,7 @@ from training.augment import (
     piecewise_affine_displacement,
     piecewise_affine_warp,
     sample_augment,
+    sample_pair_augment,
 )
 from training.checkpoint import latest_checkpoint, save_checkpoint
 from training.config import (
@@ -221,6 +222,44 @@ def test_augmentation_pieces():
 
 
 # ----------------------------------------------------------------------------------------- data
+
+def test_paired_augmentation_moves_reference_and_targets_together():
+    video = dataclasses.replace(VIDEOS[0], frames=VIDEOS[0].frames.copy())
+    for frame, box in zip(video.frames, video.boxes.astype(int)):  # a left-right asymmetric mark
+        frame[box[1]:box[1] + 8, box[0]:box[0] + 8] = (250, 20, 20)
+    rng = np.random.default_rng(0)
+    assert sample_pair_augment(AugmentSpec(), rng) is None
+    assert rng.random() == np.random.default_rng(0).random()  # off: draws nothing, old samples unchanged
+    plain = make_sample(video, 0, [0, 6], 32, 32)
+    # mirror: images mirror, the horizontal f_rts offset changes sign, vertical offset and scale stay
+    flip = sample_pair_augment(AugmentSpec(pair_flip=1.0), np.random.default_rng(0))
+    mirrored = make_sample(video, 0, [0, 6], 32, 32, pair=flip)
+    f, m = plain["f_rts"].numpy(), mirrored["f_rts"].numpy()
+    np.testing.assert_allclose(m[:, [0, 2]], f[:, [0, 2]], atol=1e-5)
+    np.testing.assert_allclose(m[:, 1], -f[:, 1], atol=1e-5)
+    assert abs(f[1, 1]) > 0.05  # the cartoon head does move sideways
+    for key, pick in (("reference", ...), ("target", (slice(None), 1)), ("driving", (slice(None), 1))):
+        a, b = mirrored[key][pick], plain[key][pick]  # equal up to sub-pixel box rounding
+        assert (a - b.flip(-1)).abs().mean() < 0.7 * (a - b).abs().mean(), key
+    # colour, shift and zoom: one draw for reference and targets, so a target that is the reference
+    # frame stays identical to the reference, while both differ from the un-augmented crop
+    spec = AugmentSpec(pair_colour=0.4, pair_shift=0.1, pair_zoom=0.1)
+    draws = [sample_pair_augment(spec, np.random.default_rng(i)) for i in range(200)]
+    assert all(abs(d.shift[0]) <= 0.1 and 0.9 <= d.zoom <= 1.1 and 0.6 <= d.colour.brightness <= 1.4 for d in draws)
+    assert max(d.shift[1] for d in draws) > 0.09 and not any(d.flip for d in draws)
+    pair = draws[0]
+    moved = make_sample(video, 0, [0, 6], 32, 32, pair=pair)
+    torch.testing.assert_close(moved["target"][:, 0], moved["reference"])
+    assert (moved["reference"] - plain["reference"]).abs().mean() > 0.02
+    torch.testing.assert_close(moved["f_rts"], plain["f_rts"])  # relative motion is untouched
+    torch.testing.assert_close(moved["driving"], plain["driving"])
+    # the dataset draws it from the config
+    ds = FaceSampleDataset(VIDEOS, DataSpec(resolution=32), AugmentSpec(enabled=False, pair_flip=1.0), 32)
+    item = ds[3]
+    vi, ref = int(item["video_index"]), int(item["frame_indices"][0])
+    again = make_sample(VIDEOS[vi], ref, [int(i) for i in item["frame_indices"][1:]], 32, 32, pair=flip)
+    torch.testing.assert_close(item["reference"], again["reference"])
+
 
 def test_media_discovery_resampling_and_box_cache(tmp_path):
     folder = tmp_path / "clips" / "person_a"

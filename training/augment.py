@@ -63,6 +63,59 @@ def sample_augment(spec: AugmentSpec, rng: np.random.Generator) -> DrivingAugmen
     )
 
 
+@dataclass
+class PairAugment:
+    """One draw of the paired appearance augmentation (AugmentSpec.pair_*), shared by the reference,
+    its targets and (for the mirror) the driving frames of one sample."""
+
+    flip: bool = False
+    shift: tuple[float, float] = (0.0, 0.0)  # appearance crop centre offset (x, y), fraction of its side
+    zoom: float = 1.0
+    colour: DrivingAugment | None = None  # brightness/contrast/saturation/hue only
+
+    @property
+    def moves_crop(self) -> bool:
+        return self.shift != (0.0, 0.0) or self.zoom != 1.0
+
+
+def sample_pair_augment(spec: AugmentSpec, rng: np.random.Generator) -> PairAugment | None:
+    """None when every pair_* amount is 0 (and then no random number is drawn, so samples of configs
+    without it stay exactly as they were)."""
+    if not (spec.pair_flip or spec.pair_colour or spec.pair_shift or spec.pair_zoom):
+        return None
+    flip = bool(rng.random() < spec.pair_flip)
+    shift = tuple(float(v) for v in rng.uniform(-spec.pair_shift, spec.pair_shift, 2)) if spec.pair_shift else (0.0, 0.0)
+    zoom = float(rng.uniform(1 - spec.pair_zoom, 1 + spec.pair_zoom)) if spec.pair_zoom else 1.0
+    colour = None
+    if spec.pair_colour:
+        a = spec.pair_colour
+        b, c, s = (float(v) for v in rng.uniform(1 - a, 1 + a, 3))
+        colour = DrivingAugment(brightness=b, contrast=c, saturation=s, hue=float(rng.uniform(-a / 6, a / 6)))
+    return PairAugment(flip, shift, zoom, colour)
+
+
+def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """[..., 4] x0,y0,x1,y1 boxes of a frame `width` px wide, after mirroring the frame left-right."""
+    out = np.array(boxes, dtype=np.float32, copy=True)
+    out[..., 0], out[..., 2] = width - boxes[..., 2], width - boxes[..., 0]
+    return out
+
+
+def moved_box(box, shift: tuple[float, float], zoom: float) -> np.ndarray:
+    """A square crop box moved by `shift` (fraction of its side) and scaled by `zoom` about its centre."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2 + shift[0] * side, (y0 + y1) / 2 + shift[1] * side
+    half = side * zoom / 2
+    return np.array([cx - half, cy - half, cx + half, cy + half], np.float64)
+
+
+def jitter_uint8(image: np.ndarray, colour: DrivingAugment) -> np.ndarray:
+    """colour_jitter on a uint8 [H,W,3] image, back to uint8."""
+    x = colour_jitter(to_unit_tensor(image), colour)
+    return (x * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 def face_centred_box(face_box, crop_scale: float = 1.1, scale: float = 1.0) -> np.ndarray:
     """Square [x0, y0, x1, y1] of side crop_scale * scale * max(w, h) centred on the face box."""
     x0, y0, x1, y1 = (float(v) for v in face_box)

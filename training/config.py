@@ -101,6 +101,14 @@ class AugmentSpec:
     warp_grid: int = 4  # control points per side of the piecewise affine mesh (+1)
     warp_strength: float = 0.03  # control-point displacement std, fraction of the crop side
     crop_scale: float = 1.1  # face-centred crop side = crop_scale * max(face w, h)
+    # Paired appearance augmentation (not in the paper; off by default): one draw applied alike to the
+    # reference and its targets (mirror, colour, a shift/zoom of the shared appearance crop), so the
+    # denoiser cannot recall a trained frame from its motion and must take appearance and placement from
+    # the reference. Mirroring also mirrors the driving frames and face boxes, keeping motion consistent.
+    pair_flip: float = 0.0  # probability of mirroring the whole sample
+    pair_colour: float = 0.0  # brightness / contrast / saturation in U[1 - a, 1 + a]; hue U[-a/6, a/6]
+    pair_shift: float = 0.0  # appearance crop centre moved by U[-a, a] of its side, x and y
+    pair_zoom: float = 0.0  # appearance crop side scaled by U[1 - a, 1 + a]
 
 
 @dataclass

@@ -37,10 +37,15 @@ from xnemo_core.pipeline import clip_pixels
 
 from .augment import (
     DrivingAugment,
+    PairAugment,
     augment_driving,
     crop_resize,
     driving_f_rts,
+    jitter_uint8,
+    mirror_boxes,
+    moved_box,
     sample_augment,
+    sample_pair_augment,
     to_unit_tensor,
 )
 from .config import AugmentSpec, DataSpec
@@ -335,22 +340,32 @@ class FaceSampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         vi, ref, frames, rng = self.choose(int(sample_id))
         aug = sample_augment(self.augment, rng)
+        pair = sample_pair_augment(self.augment, rng)
         return make_sample(self.videos[vi], ref, frames, self.spec.resolution, self.motion_size, aug,
-                           self.augment.crop_scale, self.f_rts_mode, video_index=vi)
+                           self.augment.crop_scale, self.f_rts_mode, video_index=vi, pair=pair)
 
 
 def make_sample(video: FaceVideo, ref: int, frames: list[int], resolution: int, motion_size: int,
                 aug: DrivingAugment | None = None, crop_scale: float = 1.1, f_rts_mode: str = "paper",
-                video_index: int = 0) -> dict[str, torch.Tensor]:
+                video_index: int = 0, pair: PairAugment | None = None) -> dict[str, torch.Tensor]:
     """Tensors of one training/eval sample (images in [-1,1]; see the module docstring)."""
     aug = aug or DrivingAugment.identity()
     hw = video.frames.shape[1:3]
-    ref_box = video.boxes[ref]
+    boxes = video.boxes
+    frame = video.frames.__getitem__
+    if pair is not None and pair.flip:  # mirror the whole sample: frames and boxes alike
+        boxes = mirror_boxes(boxes, hw[1])
+        frame = lambda i: np.ascontiguousarray(video.frames[i][:, ::-1])
+    ref_box = boxes[ref]
     app_box, _ = appearance_box(ref_box, hw)
-    ref_crop = crop_resize(video.frames[ref], app_box, resolution)
-    targets = [crop_resize(video.frames[i], app_box, resolution) for i in frames]
-    motion_ref = crop_resize(video.frames[ref], motion_reference_box(ref_box, hw), motion_size)
-    driving = torch.stack([augment_driving(video.frames[i], video.boxes[i], aug, motion_size, crop_scale)
+    if pair is not None and pair.moves_crop:
+        app_box = moved_box(app_box, pair.shift, pair.zoom)
+    ref_crop = crop_resize(frame(ref), app_box, resolution)
+    targets = [crop_resize(frame(i), app_box, resolution) for i in frames]
+    if pair is not None and pair.colour is not None:
+        ref_crop, targets = jitter_uint8(ref_crop, pair.colour), [jitter_uint8(t, pair.colour) for t in targets]
+    motion_ref = crop_resize(frame(ref), motion_reference_box(ref_box, hw), motion_size)
+    driving = torch.stack([augment_driving(frame(i), boxes[i], aug, motion_size, crop_scale)
                            for i in frames], dim=1)
     sample = {
         "reference": to_unit_tensor(ref_crop) * 2 - 1,  # [3,H,W]
@@ -358,7 +373,7 @@ def make_sample(video: FaceVideo, ref: int, frames: list[int], resolution: int, 
         "motion_reference": to_unit_tensor(motion_ref) * 2 - 1,  # [3,S,S]
         "target": torch.stack([to_unit_tensor(t) * 2 - 1 for t in targets], dim=1),  # [3,F,H,W]
         "driving": driving,  # [3,F,S,S]
-        "f_rts": torch.from_numpy(driving_f_rts(video.boxes[frames], ref_box, f_rts_mode)),  # [F,3]
+        "f_rts": torch.from_numpy(driving_f_rts(boxes[frames], ref_box, f_rts_mode)),  # [F,3]
         "video_index": torch.tensor(video_index),
         "frame_indices": torch.tensor([ref, *frames]),
     }
