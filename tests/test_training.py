@@ -875,6 +875,9 @@ def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
     assert start_from(starts["stage3"], Path("out")) == Path("out/stage2/final.safetensors")
     joint = load_config(CONFIGS / "demo_joint.yaml")  # the optional stage 2b experiment, not in the recipe
     assert joint.stage == "joint" and start_from(joint.model.path, Path("out")) == Path("out/stage2/final.safetensors")
+    paired = load_config(CONFIGS / "demo_joint_paired.yaml")  # the same with paired appearance augmentation
+    assert paired.model.path == joint.model.path and paired.optim == joint.optim and paired.data == joint.data
+    assert paired.augment.pair_flip == 0.5 and joint.augment.pair_flip == 0.0
     encoder_from = load_config(CONFIGS / "demo_stage2.yaml").model.motion_encoder_from
     assert start_from(encoder_from, Path("out")) == Path("out/motion_init/final.safetensors")
     assert VAE_FROM == "vae_decoder" and STAGES.index(VAE_FROM) < STAGES.index("stage3")
