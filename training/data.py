@@ -351,11 +351,11 @@ def make_sample(video: FaceVideo, ref: int, frames: list[int], resolution: int, 
     """Tensors of one training/eval sample (images in [-1,1]; see the module docstring)."""
     aug = aug or DrivingAugment.identity()
     hw = video.frames.shape[1:3]
-    boxes = video.boxes
-    frame = video.frames.__getitem__
-    if pair is not None and pair.flip:  # mirror the whole sample: frames and boxes alike
-        boxes = mirror_boxes(boxes, hw[1])
-        frame = lambda i: np.ascontiguousarray(video.frames[i][:, ::-1])
+    mirror = pair is not None and pair.flip  # mirror the whole sample: frames and boxes alike
+    boxes = mirror_boxes(video.boxes, hw[1]) if mirror else video.boxes
+
+    def frame(i: int) -> np.ndarray:
+        return np.ascontiguousarray(video.frames[i][:, ::-1]) if mirror else video.frames[i]
     ref_box = boxes[ref]
     app_box, _ = appearance_box(ref_box, hw)
     if pair is not None and pair.moves_crop:
