@@ -243,6 +243,10 @@ class FaceVideo:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def split_frames(self, held_out: bool) -> range:
+        """Frame indices of the trained-on part [0, train_end), or of the held-out tail."""
+        return range(self.train_end, len(self)) if held_out else range(0, self.train_end)
+
 
 def _downscale(frames: np.ndarray, boxes: np.ndarray, resolution: int, work_scale: float):
     """Shrink frames so the appearance crop (2 x face side) is about work_scale x resolution px."""
@@ -299,7 +303,7 @@ class FaceSampleDataset(torch.utils.data.Dataset):
         span = (spec.clip_frames - 1) * spec.frame_stride + 1
         weights = []
         for v in videos:
-            usable = v.train_end if split == "train" else len(v) - v.train_end
+            usable = len(v.split_frames(held_out=split != "train"))
             if spec.clip_frames > 1 and (v.still or usable < span):
                 usable = 0
             weights.append(0 if usable <= 0 else (usable if spec.video_weighting == "frames" else 1))
@@ -313,15 +317,13 @@ class FaceSampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**62
 
-    def _range(self, video: FaceVideo) -> tuple[int, int]:
-        return (0, video.train_end) if self.split == "train" else (video.train_end, len(video))
-
     def choose(self, sample_id: int) -> tuple[int, int, list[int], np.random.Generator]:
         """(video index, reference frame, driving/target frames, rng for augmentation) of a sample."""
         rng = sample_rng(self.seed, sample_id)
         vi = int(rng.choice(len(self.videos), p=self.weights))
         video = self.videos[vi]
-        lo, hi = self._range(video)
+        usable = video.split_frames(held_out=self.split != "train")
+        lo, hi = usable.start, usable.stop
         spec = self.spec
         if spec.clip_frames == 1:
             ref = int(rng.integers(lo, hi))

@@ -48,21 +48,17 @@ def pair_list(videos: list[FaceVideo], split: str, gaps=(3, 10, 30)) -> list[tup
     return [(video, first, first + gap) for video, first, end in segments for gap in gaps if first + gap < end]
 
 
-def split_range(video: FaceVideo, split: str) -> range:
-    """The frames of `video` in the trained-on part ('training') or its held-out tail ('held_out')."""
-    return range(0, video.train_end) if split == "training" else range(video.train_end, len(video))
-
-
 def random_pairs(videos: list[FaceVideo], split: str, count: int, min_gap: int = 20,
                  seed: int = 0) -> list[tuple[FaceVideo, int, int]]:
     """`count` (video, reference, driving) pairs drawn anywhere in the split, at least `min_gap` frames
     apart (videos in turn). Short fixed gaps barely move the head, so they hardly test the motion path."""
     rng = random.Random(seed)
-    usable = [v for v in videos if len(split_range(v, split)) > min_gap]
+    held_out = split == "held_out"
+    usable = [v for v in videos if len(v.split_frames(held_out)) > min_gap]
     pairs = []
     for i in range(count if usable else 0):
         video = usable[i % len(usable)]
-        frames = split_range(video, split)
+        frames = video.split_frames(held_out)
         while True:
             ref, drv = rng.choice(frames), rng.choice(frames)
             if abs(ref - drv) >= min_gap:
