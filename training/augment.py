@@ -103,11 +103,9 @@ def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 def moved_box(box, shift: tuple[float, float], zoom: float) -> np.ndarray:
     """A square crop box moved by `shift` (fraction of its side) and scaled by `zoom` about its centre."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    side = max(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2 + shift[0] * side, (y0 + y1) / 2 + shift[1] * side
-    half = side * zoom / 2
-    return np.array([cx - half, cy - half, cx + half, cy + half], np.float64)
+    box = np.asarray(box, np.float64)
+    side = max(box[2] - box[0], box[3] - box[1])
+    return face_centred_box(box + side * np.array([shift[0], shift[1], shift[0], shift[1]]), 1.0, zoom)
 
 
 def jitter_uint8(image: np.ndarray, colour: DrivingAugment) -> np.ndarray:

@@ -352,19 +352,20 @@ def make_sample(video: FaceVideo, ref: int, frames: list[int], resolution: int, 
                 video_index: int = 0, pair: PairAugment | None = None) -> dict[str, torch.Tensor]:
     """Tensors of one training/eval sample (images in [-1,1]; see the module docstring)."""
     aug = aug or DrivingAugment.identity()
+    pair = pair or PairAugment()
     hw = video.frames.shape[1:3]
-    mirror = pair is not None and pair.flip  # mirror the whole sample: frames and boxes alike
-    boxes = mirror_boxes(video.boxes, hw[1]) if mirror else video.boxes
+    boxes = mirror_boxes(video.boxes, hw[1]) if pair.flip else video.boxes  # mirror frames and boxes alike
 
     def frame(i: int) -> np.ndarray:
-        return np.ascontiguousarray(video.frames[i][:, ::-1]) if mirror else video.frames[i]
+        return np.ascontiguousarray(video.frames[i][:, ::-1]) if pair.flip else video.frames[i]
+
     ref_box = boxes[ref]
     app_box, _ = appearance_box(ref_box, hw)
-    if pair is not None and pair.moves_crop:
+    if pair.moves_crop:
         app_box = moved_box(app_box, pair.shift, pair.zoom)
     ref_crop = crop_resize(frame(ref), app_box, resolution)
     targets = [crop_resize(frame(i), app_box, resolution) for i in frames]
-    if pair is not None and pair.colour is not None:
+    if pair.colour is not None:
         ref_crop, targets = jitter_uint8(ref_crop, pair.colour), [jitter_uint8(t, pair.colour) for t in targets]
     motion_ref = crop_resize(frame(ref), motion_reference_box(ref_box, hw), motion_size)
     driving = torch.stack([augment_driving(frame(i), boxes[i], aug, motion_size, crop_scale)
