@@ -767,6 +767,18 @@ def test_pathway_check_sees_ignored_motion_and_scores_the_reference_latent():
     twice = pathway_errors(models, pairs, timesteps=(100,), resolution=32, draws=2)
     assert twice[100]["reference_latent"] == pytest.approx(errors[100]["reference_latent"])  # a mean, not a sum
     assert twice[100]["full"] != errors[100]["full"]  # a second noise draw enters the mean
+    # a denoiser that predicts no noise returns its input: at t = 0 that is the noised target in the
+    # default regime, but the reference under a reference start (latents scaled up so that the
+    # reference-target gap dwarfs the noise at t = 0)
+    models.denoising_unet.forward = lambda sample, *args, **kwargs: torch.zeros_like(sample)
+    vae = models.config.vae
+    models.config = dataclasses.replace(models.config, vae=dataclasses.replace(vae, scaling_factor=vae.scaling_factor * 100))
+    plain = pathway_errors(models, pairs, timesteps=(0,), resolution=32)[0]
+    started = pathway_errors(models, pairs, timesteps=(0,), resolution=32, reference_start=0)[0]
+    assert plain["full"] < 1e-2 * plain["reference_latent"]
+    assert started["full"] == pytest.approx(started["reference_latent"], rel=0.05)
+    with pytest.raises(ValueError, match="must be <= it"):
+        pathway_errors(models, pairs, timesteps=(100,), resolution=32, reference_start=50)
 
 
 def test_random_pairs_stay_in_their_split_and_keep_their_gap():
@@ -846,6 +858,67 @@ def test_v_prediction_loss_targets_v_and_the_bundle_says_so(tmp_path):
     assert load_bundle(tmp_path / "v.safetensors").config.unet.prediction_type == "v_prediction"
 
 
+def test_reference_start_noise_is_what_a_reference_started_ddim_sample_passes_through():
+    """Started from the reference at t0, DDIM with a perfect denoiser visits √ᾱ·x0 + √(1−ᾱ)·ε' at every
+    later step (ε' from losses.reference_start_noise) and ends at x0: what reference-start training shows."""
+    from xnemo_core.pipeline import make_scheduler, schedule_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    x0, ref, eps = (torch.randn(1, 4, 1, 6, 6, generator=g) for _ in range(3))
+    scheduler = make_scheduler("ddim", "v_prediction")
+    timesteps = schedule_timesteps(scheduler, 10, denoise=0.4)
+    alphas = scheduler.alphas_cumprod.double()
+    t0 = int(timesteps[0])
+    shifted = L.reference_start_noise(eps.double(), x0.double(), ref.double(), alphas[t0])
+    latents = scheduler.add_noise(ref, eps, timesteps[:1])
+    for t in timesteps:
+        a = alphas[int(t)]
+        torch.testing.assert_close(latents.double(), a.sqrt() * x0 + (1 - a).sqrt() * shifted, atol=1e-5, rtol=1e-5)
+        implied = (latents.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        v = (a.sqrt() * implied - (1 - a).sqrt() * x0).float()  # the perfect denoiser's output
+        latents = scheduler.step(v, t, latents).prev_sample
+    torch.testing.assert_close(latents, x0, atol=2e-4, rtol=1e-4)
+
+
+def test_reference_start_training_noises_the_target_as_a_reference_start(tmp_path):
+    """loss.reference_start_prob 1: every sample gets t <= reference_start_t and the noise
+    ε + √SNR(t0)·(z_ref − x0), where ε and the rest of the random stream are those of the plain loss."""
+    from training.losses import release_alphas_cumprod
+
+    seen = []
+
+    def run(prob):
+        cfg = make_cfg("image")
+        cfg.loss.reference_start_prob, cfg.loss.reference_start_t = prob, 40
+        trainer = Trainer(cfg, output=tmp_path / f"run{prob}", videos=VIDEOS, log=lambda msg: None)
+        torch.manual_seed(0)
+        trainer.models.denoising_unet.forward = lambda sample, timestep, *a, **k: (
+            seen.append((sample.clone(), timestep.clone())) or torch.zeros_like(sample))
+        batch = trainer.batch([0, 1])
+        with torch.no_grad():
+            trainer.module(batch, seed=5)
+            x0 = trainer.module.encode_target(batch["target"], torch.Generator().manual_seed(5))
+            ref = trainer.module.vae.encode(batch["reference"]).latent_dist.mean * trainer.module.scaling_factor
+        return x0, ref[:, :, None]
+
+    x0, ref = run(0.0)
+    x0_again, _ = run(1.0)
+    torch.testing.assert_close(x0, x0_again)
+    (plain_x, plain_t), (start_x, start_t) = seen
+    alphas = release_alphas_cumprod().float()
+    assert int(start_t.max()) <= 40 and not torch.equal(plain_t, start_t)
+
+    def noise_of(x, t):
+        a = alphas[t].view(-1, 1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    snr0 = alphas[40] / (1 - alphas[40])
+    expected = noise_of(plain_x, plain_t) + snr0.sqrt() * (ref - x0)
+    torch.testing.assert_close(noise_of(start_x, start_t), expected, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ConfigError, match="reference_start_t"):
+        config_from_dict({"stage": "image", "loss": {"reference_start_t": 1000}})
+
+
 def test_reference_unet_can_start_as_a_copy_of_the_denoiser(tmp_path):
     cfg = make_cfg("image")
     cfg.model.reference_from_denoiser = True
@@ -878,6 +951,11 @@ def test_demo_recipe_chains_its_runs_and_takes_the_fine_tuned_vae(micro_models):
     paired = load_config(CONFIGS / "demo_joint_paired.yaml")  # the same with paired appearance augmentation
     assert paired.model.path == joint.model.path and paired.optim == joint.optim and paired.data == joint.data
     assert paired.augment.pair_flip == 0.5 and joint.augment.pair_flip == 0.0
+    refstart = load_config(CONFIGS / "demo_joint_refstart.yaml")  # + reference-start training
+    assert refstart.augment == paired.augment and refstart.optim == paired.optim and refstart.data == paired.data
+    assert dataclasses.replace(refstart.loss, reference_start_prob=0.0, reference_start_t=300) == paired.loss
+    assert refstart.loss.reference_start_prob == 0.5 and paired.loss.reference_start_prob == 0.0
+    assert refstart.model.path == paired.model.path
     encoder_from = load_config(CONFIGS / "demo_stage2.yaml").model.motion_encoder_from
     assert start_from(encoder_from, Path("out")) == Path("out/motion_init/final.safetensors")
     assert VAE_FROM == "vae_decoder" and STAGES.index(VAE_FROM) < STAGES.index("stage3")

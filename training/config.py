@@ -124,6 +124,13 @@ class LossSpec:
     # Only for ε-prediction models: a v-prediction loss already scores high-noise steps by their x0 error.
     x0_weighting: bool = False
     max_x0_weight: float = 100.0
+    # Reference-start training (not in the paper; off by default). Sampling with init 'reference' and
+    # denoise d starts from the reference latent noised at t0 ≈ 1000·d: that is the target noised at t0
+    # with the noise ε' = ε + √SNR(t0)·(z_ref − z_target), which DDIM carries down the schedule. A
+    # fraction `reference_start_prob` of samples is noised that way (t uniform in [0, reference_start_t]),
+    # so the denoiser learns to move from the reference to the driven frame instead of keeping its pose.
+    reference_start_prob: float = 0.0
+    reference_start_t: int = 300
     # GAN head (stage 2)
     gan: bool = False
     gan_weight: float = 1.0  # multiplies the whole generator loss below
@@ -220,6 +227,10 @@ class TrainConfig:
             raise ConfigError(f"stage {stage!r} trains on image pairs: set data.clip_frames to 1")
         if not 0.0 <= self.loss.reference_mask_ratio < 1.0:
             raise ConfigError("loss.reference_mask_ratio must be in [0, 1)")
+        if not 0.0 <= self.loss.reference_start_prob <= 1.0:
+            raise ConfigError("loss.reference_start_prob must be in [0, 1]")
+        if not 1 <= self.loss.reference_start_t <= 999:
+            raise ConfigError("loss.reference_start_t must be a timestep in [1, 999] (≈ 1000 × the sampling denoise)")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -12,6 +12,11 @@ lowers the error: `no_reference` above `full` means the reference helps, and `ow
 `full` means the motion is ignored (how the collapsed demo encoder showed). `full` above
 `reference_latent` at high t means the model cannot yet copy the reference's appearance.
 
+With `--reference-start T0` the driving latent is noised as a sample started from the reference at T0
+sees it (ε' of `losses.reference_start_noise`, timesteps <= T0): the input keeps the reference's layout,
+so only the motion can tell the denoiser where the head went. This is the regime sampling with
+`init: reference` runs in; the default regime (noised target) already shows the target's layout.
+
 Pairs: each segment's first frame with the frames 3, 10 and 30 later (`--gaps`), or `--random-pairs N`
 drawn anywhere in the split at least `--min-gap` frames apart (larger head motion, a sharper test).
 
@@ -29,7 +34,7 @@ from xnemo_core.models.stack import XNeMoModels
 
 from .data import FaceVideo, make_sample
 from .evaluate import held_out_segments, training_segments
-from .losses import release_alphas_cumprod
+from .losses import reference_start_noise, release_alphas_cumprod
 
 CONDITIONS = ("full", "no_reference", "own_motion", "reference_latent")
 
@@ -69,10 +74,12 @@ def random_pairs(videos: list[FaceVideo], split: str, count: int, min_gap: int =
 
 @torch.no_grad()
 def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolution: int = 64,
-                   seed: int = 0, draws: int = 1) -> dict[int, dict[str, float]]:
+                   seed: int = 0, draws: int = 1, reference_start: int | None = None) -> dict[int, dict[str, float]]:
     """Mean latent x0-MSE per timestep and condition over `pairs` (see the module docstring)."""
     if not pairs:
         raise ValueError("no (reference, driving) pairs to diagnose: the videos are too short for the gaps")
+    if reference_start is not None and max(timesteps) > reference_start:
+        raise ValueError(f"with a reference start at {reference_start} the timesteps must be <= it, got {max(timesteps)}")
     device, dtype = models.device, models.dtype
     alphas = release_alphas_cumprod().to(device, torch.float32)
     scale = models.config.vae.scaling_factor
@@ -99,6 +106,8 @@ def pathway_errors(models: XNeMoModels, pairs, timesteps=(200, 500, 800), resolu
         for t in [t for t in timesteps for _ in range(draws)]:  # `draws` noise samples per timestep
             a = alphas[t]
             noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+            if reference_start is not None:
+                noise = reference_start_noise(noise, x0, ref_latent, alphas[reference_start].to(dtype))
             noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise)[:, :, None]  # [1,4,1,h,w]
             for name, (tokens, embeds, rows) in runs.items():
                 out = unet(noisy, torch.tensor([t], device=device), embeds, tokens, bank, torch.tensor(rows))
@@ -124,6 +133,8 @@ def main(argv=None) -> int:
                         help="instead: N pairs drawn anywhere in the split, at least --min-gap frames apart")
     parser.add_argument("--min-gap", type=int, default=20)
     parser.add_argument("--draws", type=int, default=1, help="noise draws per pair and timestep")
+    parser.add_argument("--reference-start", type=int, default=None, metavar="T0",
+                        help="noise as a sample started from the reference at T0 (timesteps <= T0)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     models = load_bundle(args.bundle, dtype=torch.float32).eval()
@@ -132,7 +143,8 @@ def main(argv=None) -> int:
         pairs = random_pairs(videos, args.split, args.random_pairs, args.min_gap)
     else:
         pairs = pair_list(videos, args.split, tuple(args.gaps))
-    errors = pathway_errors(models, pairs, tuple(args.timesteps), cfg.data.resolution, draws=args.draws)
+    errors = pathway_errors(models, pairs, tuple(args.timesteps), cfg.data.resolution, draws=args.draws,
+                            reference_start=args.reference_start)
     print(json.dumps({t: {k: round(v, 5) for k, v in row.items()} for t, row in errors.items()}, indent=1))
     return 0
 

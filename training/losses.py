@@ -26,6 +26,15 @@ def release_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def reference_start_noise(noise: torch.Tensor, x0: torch.Tensor, reference: torch.Tensor,
+                          alpha_bar_start: torch.Tensor) -> torch.Tensor:
+    """The noise ε' = ε + √SNR(t0)·(z_ref − x0) that makes √ᾱ(t0)·x0 + √(1−ᾱ(t0))·ε' equal the reference
+    start √ᾱ(t0)·z_ref + √(1−ᾱ(t0))·ε. DDIM keeps a perfect denoiser's implied noise fixed, so noising x0
+    with ε' at any t ≤ t0 gives the latents a sample started from the reference passes through."""
+    snr = alpha_bar_start / (1 - alpha_bar_start)
+    return noise + snr.sqrt() * (reference - x0)
+
+
 class VGGFeatures(nn.Module):
     """VGG conv stack (`features.N` like torchvision) returning the relu{1..5}_1 activations."""
 

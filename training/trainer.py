@@ -167,6 +167,8 @@ class TrainModule(nn.Module):
 
         timesteps = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(x0.device)
         noise = _randn(x0.shape, generator, x0)
+        if lc.reference_start_prob > 0:  # no draws when off: existing configs keep their random stream
+            timesteps, noise = self._reference_start(x0, ref_latents, timesteps, noise, generator)
         alpha = self.alphas_cumprod[timesteps].view(b, 1, 1, 1, 1).to(x0)
         noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
         prediction = self.denoising_unet(noisy, timesteps, clip, motion, kv, rows)
@@ -191,6 +193,18 @@ class TrainModule(nn.Module):
             parts.update(gan_parts)
             out = {"fake": fake.detach(), "real": real}
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, **out}
+
+    def _reference_start(self, x0, ref_latents, timesteps, noise, generator):
+        """Re-noise a `loss.reference_start_prob` fraction of the batch as a sample started from the
+        reference at `loss.reference_start_t` sees it (losses.reference_start_noise)."""
+        lc = self.cfg.loss
+        b = x0.shape[0]
+        chosen = (torch.rand(b, generator=generator) < lc.reference_start_prob).to(x0.device)
+        early = torch.randint(0, lc.reference_start_t + 1, (b,), generator=generator).to(x0.device)
+        start_alpha = self.alphas_cumprod[lc.reference_start_t].to(x0)
+        shifted = L.reference_start_noise(noise, x0, ref_latents[:, :, None], start_alpha)
+        noise = torch.where(chosen.view(b, 1, 1, 1, 1), shifted, noise)
+        return torch.where(chosen, early, timesteps), noise
 
     def gan_losses(self, reference, target, f_mot, discriminator):
         """Generator side of the GAN head: L1, VGG-19, VGGFace, adversarial, feature matching."""
