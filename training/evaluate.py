@@ -4,7 +4,9 @@ The model has to re-create each later frame from the first frame's appearance an
 frame's motion. It is compared with the trivial baseline "repeat the reference frame" on L1 and
 SSIM (Gaussian window 11, σ 1.5), both computed on the face crops in [0, 1]. With `static_motion`
 it is also sampled with the reference's own motion on every frame: if that scores the same, the
-model ignores motion (`motion_effect` = mean |difference| of the two outputs).
+model ignores motion (`motion_effect` = mean |difference| of the two outputs). With `copy` the
+reference drives itself (8 frames) and is scored against itself: a denoiser that takes appearance
+from the reference copies an unseen (held-out) frame about as well as a trained-on one.
 
 `python -m training.evaluate --bundle xnemo_core/assets/demo_model.safetensors --config training/configs/demo_stage3.yaml`
 """
@@ -26,6 +28,7 @@ from .losses import ssim
 
 
 STATIC_KEYS = ("static_motion_l1", "static_motion_ssim", "motion_effect")
+COPY_FRAMES = 8  # one context window of the reference driving itself
 
 
 @dataclass
@@ -123,15 +126,17 @@ def summarise(results: list[Reenactment]) -> dict:
 
 def evaluate(models: XNeMoModels, videos: list[FaceVideo], resolution: int, settings: SamplingConfig,
              max_frames: int = 48, stride: int = 1, decode_chunk: int = 25,
-             split: str = "held_out", static_motion: bool = False) -> tuple[dict, list[Reenactment]]:
+             split: str = "held_out", static_motion: bool = False, copy: bool = False) -> tuple[dict, list[Reenactment]]:
     """Self-reenactment on the held-out tails (split 'held_out') or on the trained-on segments just
-    before them (split 'training', for choosing settings)."""
+    before them (split 'training', for choosing settings); `copy`: each segment's reference drives itself."""
     if split not in ("held_out", "training"):
         raise ValueError(f"split must be 'held_out' or 'training', got {split!r}")
     segments = held_out_segments(videos) if split == "held_out" else training_segments(videos, max_frames)
     results = []
     for video, first, end in segments:
         frames = list(range(first + 1, end, stride))[:max_frames]
+        if copy:
+            frames = [first] * min(len(frames), COPY_FRAMES)
         results.append(self_reenact(models, video, first, frames, resolution, settings, decode_chunk=decode_chunk,
                                     static_motion=static_motion))
     if not results:
@@ -161,6 +166,8 @@ def main(argv=None) -> int:
                         help="held-out tails, or trained-on segments of the same shape (for choosing settings)")
     parser.add_argument("--static-motion", action="store_true",
                         help="also sample with the reference's own motion (does the model follow motion?)")
+    parser.add_argument("--copy", action="store_true",
+                        help="each reference drives itself: does the denoiser copy an unseen frame?")
     parser.add_argument("--picture", default=None, help="write the side-by-side PNG here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
@@ -169,7 +176,8 @@ def main(argv=None) -> int:
                               context_overlap=min(4, args.context // 2), closed_loop=False, init=args.init,
                               denoise=args.denoise, seed=0)
     summary, results = evaluate(models, load_videos(cfg.data), cfg.data.resolution, settings, args.max_frames,
-                                decode_chunk=args.decode_chunk, split=args.split, static_motion=args.static_motion)
+                                decode_chunk=args.decode_chunk, split=args.split, static_motion=args.static_motion,
+                                copy=args.copy)
     if args.picture:
         Image.fromarray(side_by_side(results)).save(args.picture)
     print(json.dumps(summary, indent=1))
