@@ -714,6 +714,52 @@ def test_self_reenactment_evaluation_scores_model_and_baseline():
     assert picture.shape == (96, 96, 3) and picture.dtype == np.uint8
 
 
+def test_copy_check_drives_each_reference_with_itself():
+    from training.evaluate import evaluate
+    from xnemo_core.config import SamplingConfig
+    from xnemo_core.models.stack import build_models
+
+    torch.manual_seed(0)
+    models = build_models(micro_config())
+    settings = SamplingConfig(steps=2, guidance_scale=1.0, context_frames=4, context_overlap=2, closed_loop=False)
+    video = synthetic_video(20, 0, holdout=12)
+    summary, (result,) = evaluate(models, [video], 32, settings, max_frames=10, decode_chunk=4, copy=True)
+    assert result.target.shape[0] == 8  # one context window of copies, not all 10 drivers
+    torch.testing.assert_close(result.target, result.reference[None].expand_as(result.target))
+    assert summary["mean"]["repeat_reference_l1"] == 0.0 and summary["mean"]["repeat_reference_ssim"] == 1.0
+    assert 0 < summary["mean"]["model_l1"] < 1
+
+
+def test_headroom_reference_points_reduce_to_repeat_and_round_trip():
+    from training.headroom import box_warped_reference, headroom, latent_interpolations
+    from xnemo_core.models.stack import build_models
+    from xnemo_core.pipeline import XNeMoPipeline
+
+    video = synthetic_video(20, 0, holdout=10)  # the cartoon head moves across the frame
+    sample = make_sample(video, 10, [11, 15, 19], 32, 32)
+    target = (sample["target"].permute(1, 0, 2, 3) + 1) / 2
+    reference = (sample["reference"] + 1) / 2
+    # a frame whose face box is the reference's gets the reference crop itself
+    torch.testing.assert_close(box_warped_reference(video, 10, [10], 32)[0], reference)
+    warped = box_warped_reference(video, 10, [11, 15, 19], 32)
+    assert (warped - target).abs().mean() < 0.6 * (reference[None] - target).abs().mean()  # it tracks the head
+    torch.manual_seed(0)
+    models = build_models(micro_config())
+    decoded = latent_interpolations(models, sample["reference"], sample["target"].permute(1, 0, 2, 3), alphas=(0.0, 1.0))
+    pipe = XNeMoPipeline(models)
+    round_trip = pipe.decode(pipe.encode_latents(sample["target"].permute(1, 0, 2, 3)).permute(1, 0, 2, 3)[None],
+                             chunk=8)[0].permute(1, 0, 2, 3)
+    torch.testing.assert_close(decoded[1.0], round_trip)
+    z_ref = pipe.encode_latents(sample["reference"][None]).permute(1, 0, 2, 3)[None].expand(1, -1, 3, -1, -1)
+    torch.testing.assert_close(decoded[0.0], pipe.decode(z_ref.contiguous(), chunk=8)[0].permute(1, 0, 2, 3))
+    scores = headroom(None, [video], 32, max_frames=9)
+    repeat = [float((reference[None] - t).abs().mean()) for t in
+              (make_sample(video, 10, list(range(11, 20)), 32, 32)["target"].permute(1, 0, 2, 3) + 1) / 2]
+    assert scores["frames"] == 9 and scores["repeat"][0] == pytest.approx(np.mean(repeat), abs=1e-4)
+    assert scores["box_warp"][0] < scores["repeat"][0] and "latent_0.0" not in scores
+    assert set(headroom(models, [video], 32, max_frames=4)) >= {"latent_0.1", "blur_0.5", "box_warp_smoothed"}
+
+
 def test_static_motion_check_tells_a_motion_blind_model_apart():
     from training.evaluate import evaluate
     from training.stages import zero_init_inserted_modules
@@ -779,6 +825,26 @@ def test_pathway_check_sees_ignored_motion_and_scores_the_reference_latent():
     assert started["full"] == pytest.approx(started["reference_latent"], rel=0.05)
     with pytest.raises(ValueError, match="must be <= it"):
         pathway_errors(models, pairs, timesteps=(100,), resolution=32, reference_start=50)
+
+
+def test_copy_pairs_drive_the_reference_with_itself_at_the_stated_rate():
+    video = synthetic_video(60, 0, holdout=10)
+    plain = FaceSampleDataset([video], DataSpec(resolution=16, max_gap=20), AugmentSpec(enabled=False), 32, seed=3)
+    copy = FaceSampleDataset([video], DataSpec(resolution=16, max_gap=20, same_frame_prob=0.4),
+                             AugmentSpec(enabled=False), 32, seed=3)
+    picks = [copy.choose(i)[1:3] for i in range(2000)]
+    same = sum(frames == [ref] for ref, frames in picks) / len(picks)
+    natural = sum(frames == [ref] for ref, frames in (plain.choose(i)[1:3] for i in range(400))) / 400
+    assert natural < 0.05 and 0.38 < same < 0.46  # 0.4 on top of the rare natural gap-0 pair
+    assert all(ref < 50 and frames[0] < 50 and abs(frames[0] - ref) <= 20 for ref, frames in picks)
+    item = copy[next(i for i, (r, f) in enumerate(picks) if f == [r])]
+    torch.testing.assert_close(item["target"][:, 0], item["reference"])  # the target is the reference frame
+    # off (the default) draws nothing extra, so configs without it sample exactly as before
+    assert [plain.choose(i)[1:3] for i in range(20)] == [
+        FaceSampleDataset([video], DataSpec(resolution=16, max_gap=20, same_frame_prob=0.0),
+                          AugmentSpec(enabled=False), 32, seed=3).choose(i)[1:3] for i in range(20)]
+    with pytest.raises(ConfigError, match="same_frame_prob"):
+        config_from_dict({"stage": "joint", "data": {"same_frame_prob": 1.5}})
 
 
 def test_random_pairs_stay_in_their_split_and_keep_their_gap():

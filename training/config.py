@@ -77,6 +77,9 @@ class DataSpec:
     clip_frames: int = 1  # frames per sample: 1 for image stages, 24 for stage 3
     frame_stride: int = 1  # spacing of clip frames (at `fps`)
     max_gap: int = 0  # max |reference - driving| in frames for pairs (0 = anywhere in the video)
+    # Copy pairs (not in the paper; off by default): this fraction of pairs drives the reference frame with
+    # itself, so the denoiser is taught outright to take appearance from the reference, not from memory.
+    same_frame_prob: float = 0.0
     holdout_fraction: float = 0.0  # the last fraction of every video is kept out of training
     holdout_sources: list = field(default_factory=list)  # file/folder names kept out entirely
     stills: bool = True  # use still images as one-frame videos
@@ -227,6 +230,8 @@ class TrainConfig:
             raise ConfigError(f"stage {stage!r} trains on image pairs: set data.clip_frames to 1")
         if not 0.0 <= self.loss.reference_mask_ratio < 1.0:
             raise ConfigError("loss.reference_mask_ratio must be in [0, 1)")
+        if not 0.0 <= self.data.same_frame_prob <= 1.0:
+            raise ConfigError("data.same_frame_prob must be in [0, 1]")
         if not 0.0 <= self.loss.reference_start_prob <= 1.0:
             raise ConfigError("loss.reference_start_prob must be in [0, 1]")
         if not 1 <= self.loss.reference_start_t <= 999:

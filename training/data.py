@@ -327,7 +327,9 @@ class FaceSampleDataset(torch.utils.data.Dataset):
         spec = self.spec
         if spec.clip_frames == 1:
             ref = int(rng.integers(lo, hi))
-            if spec.max_gap > 0:
+            if spec.same_frame_prob > 0 and rng.random() < spec.same_frame_prob:
+                drv = ref  # a copy pair (no draw at all when the option is off: old configs sample as before)
+            elif spec.max_gap > 0:
                 drv = int(rng.integers(max(lo, ref - spec.max_gap), min(hi, ref + spec.max_gap + 1)))
             else:
                 drv = int(rng.integers(lo, hi))
