@@ -692,14 +692,20 @@ def test_stage2_can_take_the_motion_encoder_of_another_run(tmp_path):
         Trainer(other, output=tmp_path / "bad", videos=VIDEOS, log=lambda msg: None)
 
 
-def test_self_reenactment_evaluation_scores_model_and_baseline():
-    from training.evaluate import evaluate, side_by_side
+def micro_sampling():
+    """Seeded random micro models and a 2-step sampler setting, for the evaluation tests."""
     from xnemo_core.config import SamplingConfig
     from xnemo_core.models.stack import build_models
 
     torch.manual_seed(0)
-    models = build_models(micro_config())
     settings = SamplingConfig(steps=2, guidance_scale=1.0, context_frames=4, context_overlap=2, closed_loop=False)
+    return build_models(micro_config()), settings
+
+
+def test_self_reenactment_evaluation_scores_model_and_baseline():
+    from training.evaluate import evaluate, side_by_side
+
+    models, settings = micro_sampling()
     video = synthetic_video(12, 0, holdout=8)
     summary, results = evaluate(models, [video], 32, settings, max_frames=4, decode_chunk=4)
     (result,) = results
@@ -716,12 +722,8 @@ def test_self_reenactment_evaluation_scores_model_and_baseline():
 
 def test_copy_check_drives_each_reference_with_itself():
     from training.evaluate import evaluate
-    from xnemo_core.config import SamplingConfig
-    from xnemo_core.models.stack import build_models
 
-    torch.manual_seed(0)
-    models = build_models(micro_config())
-    settings = SamplingConfig(steps=2, guidance_scale=1.0, context_frames=4, context_overlap=2, closed_loop=False)
+    models, settings = micro_sampling()
     video = synthetic_video(20, 0, holdout=12)
     summary, (result,) = evaluate(models, [video], 32, settings, max_frames=10, decode_chunk=4, copy=True)
     assert result.target.shape[0] == 8  # one context window of copies, not all 10 drivers
@@ -763,12 +765,8 @@ def test_headroom_reference_points_reduce_to_repeat_and_round_trip():
 def test_static_motion_check_tells_a_motion_blind_model_apart():
     from training.evaluate import evaluate
     from training.stages import zero_init_inserted_modules
-    from xnemo_core.config import SamplingConfig
-    from xnemo_core.models.stack import build_models
 
-    torch.manual_seed(0)
-    models = build_models(micro_config())
-    settings = SamplingConfig(steps=2, guidance_scale=1.0, context_frames=4, context_overlap=2, closed_loop=False)
+    models, settings = micro_sampling()
     video = synthetic_video(12, 0, holdout=8)
     summary, (result,) = evaluate(models, [video], 32, settings, max_frames=4, decode_chunk=4, static_motion=True)
     assert result.metrics["motion_effect"] > 1e-6  # random motion attention: the driving frames matter

@@ -33,7 +33,7 @@ import torch
 from xnemo_core.models.stack import XNeMoModels
 
 from .data import FaceVideo, make_sample
-from .evaluate import held_out_segments, training_segments
+from .evaluate import split_segments
 from .losses import reference_start_noise, release_alphas_cumprod
 
 CONDITIONS = ("full", "no_reference", "own_motion", "reference_latent")
@@ -49,8 +49,8 @@ def x0_from_prediction(prediction: torch.Tensor, noisy: torch.Tensor, alpha_bar:
 
 def pair_list(videos: list[FaceVideo], split: str, gaps=(3, 10, 30)) -> list[tuple[FaceVideo, int, int]]:
     """(video, reference, driving) pairs: each segment's first frame and the frames `gaps` later."""
-    segments = held_out_segments(videos) if split == "held_out" else training_segments(videos)
-    return [(video, first, first + gap) for video, first, end in segments for gap in gaps if first + gap < end]
+    return [(video, first, first + gap) for video, first, end in split_segments(videos, split)
+            for gap in gaps if first + gap < end]
 
 
 def random_pairs(videos: list[FaceVideo], split: str, count: int, min_gap: int = 20,

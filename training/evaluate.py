@@ -97,6 +97,17 @@ def training_segments(videos: list[FaceVideo], max_frames: int = 48,
     return out
 
 
+def split_segments(videos: list[FaceVideo], split: str, max_frames: int = 48) -> list[tuple[FaceVideo, int, int]]:
+    """The held-out tails (split 'held_out') or the trained-on segments just before them ('training');
+    raises if the split has none."""
+    if split not in ("held_out", "training"):
+        raise ValueError(f"split must be 'held_out' or 'training', got {split!r}")
+    segments = held_out_segments(videos) if split == "held_out" else training_segments(videos, max_frames)
+    if not segments:
+        raise ValueError(f"no {split} video segment (set data.holdout_fraction)")
+    return segments
+
+
 def side_by_side(results: list[Reenactment], columns: int = 6, scale: int = 2) -> np.ndarray:
     """Per video three rows (real driving frames | model | repeated reference) at `columns` times."""
     import torch.nn.functional as F
@@ -129,18 +140,13 @@ def evaluate(models: XNeMoModels, videos: list[FaceVideo], resolution: int, sett
              split: str = "held_out", static_motion: bool = False, copy: bool = False) -> tuple[dict, list[Reenactment]]:
     """Self-reenactment on the held-out tails (split 'held_out') or on the trained-on segments just
     before them (split 'training', for choosing settings); `copy`: each segment's reference drives itself."""
-    if split not in ("held_out", "training"):
-        raise ValueError(f"split must be 'held_out' or 'training', got {split!r}")
-    segments = held_out_segments(videos) if split == "held_out" else training_segments(videos, max_frames)
     results = []
-    for video, first, end in segments:
+    for video, first, end in split_segments(videos, split, max_frames):
         frames = list(range(first + 1, end, stride))[:max_frames]
         if copy:
             frames = [first] * min(len(frames), COPY_FRAMES)
         results.append(self_reenact(models, video, first, frames, resolution, settings, decode_chunk=decode_chunk,
                                     static_motion=static_motion))
-    if not results:
-        raise ValueError(f"no {split} video segment to evaluate (set data.holdout_fraction)")
     return summarise(results), results
 
 

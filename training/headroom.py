@@ -29,7 +29,7 @@ from xnemo_core.pipeline import XNeMoPipeline, gaussian_blur
 
 from .augment import crop_resize, to_unit_tensor
 from .data import FaceVideo, make_sample
-from .evaluate import held_out_segments, training_segments
+from .evaluate import split_segments
 from .losses import ssim
 
 BLUR_SIGMAS = (0.5, 0.8)
@@ -77,9 +77,7 @@ def headroom(models: XNeMoModels | None, videos: list[FaceVideo], resolution: in
              split: str = "held_out", decode_chunk: int = 8) -> dict:
     """Frame-weighted mean [L1, SSIM] of every reference point (and "repeat") over the split's segments.
     Without `models` the latent points are skipped."""
-    segments = held_out_segments(videos) if split == "held_out" else training_segments(videos, max_frames)
-    if not segments:
-        raise ValueError(f"no {split} video segment to score (set data.holdout_fraction)")
+    segments = split_segments(videos, split, max_frames)
     sums: dict[str, np.ndarray] = {}
     total = 0
     for video, first, end in segments:
